@@ -1,0 +1,539 @@
+"""Frozen, slotted, keyword-only models for requests and results.
+
+Request models validate every documented range on construction and raise
+:class:`~novita_async.InvalidRequestError` before anything is sent. Result models
+are built by the converter in ``_convert.py``; they never validate, they accept.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import attrs
+
+from ._errors import InvalidRequestError
+
+__all__ = [
+    "AwsS3Storage",
+    "Audio",
+    "AudioMetadata",
+    "CustomStorage",
+    "CLIP_SKIP_RANGE",
+    "DebugInfo",
+    "Embedding",
+    "EnterprisePlan",
+    "Extra",
+    "HiresFix",
+    "Image",
+    "Lora",
+    "Model",
+    "ModelType",
+    "NsfwDetectionResult",
+    "Refiner",
+    "ResultExtra",
+    "SAMPLERS",
+    "Task",
+    "TaskResult",
+    "TaskStatus",
+    "Txt2ImgRequest",
+    "UPSCALERS",
+    "Video",
+    "Webhook",
+    "WebhookEvent",
+    "WebhookTestMode",
+]
+
+#: The 20 samplers Novita's v3 txt2img accepts.
+SAMPLERS: frozenset[str] = frozenset(
+    {
+        "Euler a",
+        "Euler",
+        "LMS",
+        "Heun",
+        "DPM2",
+        "DPM2 a",
+        "DPM++ 2S a",
+        "DPM++ 2M",
+        "DPM++ SDE",
+        "DPM fast",
+        "DPM adaptive",
+        "LMS Karras",
+        "DPM2 Karras",
+        "DPM2 a Karras",
+        "DPM++ 2S a Karras",
+        "DPM++ 2M Karras",
+        "DPM++ SDE Karras",
+        "DDIM",
+        "PLMS",
+        "UniPC",
+    }
+)
+#: Accepted ``hires_fix.upscaler`` values.
+UPSCALERS: frozenset[str] = frozenset({"RealESRGAN_x4plus_anime_6B", "RealESRNet_x4plus", "Latent"})
+
+ImageType = Literal["png", "webp", "jpeg"]
+_IMAGE_TYPES = frozenset({"png", "webp", "jpeg"})
+
+# --------------------------------------------------------------------------- validators
+
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _fail(inst: Any, attribute: attrs.Attribute[Any], why: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{type(inst).__name__}.{attribute.name} {why}")
+
+
+def _none(inst: Any, attribute: attrs.Attribute[Any], optional: bool) -> None:
+    """None is "unset" for optional fields and an error for required ones."""
+    if not optional:
+        raise _fail(inst, attribute, "is required (got None)")
+
+
+def _number(
+    lo: float | None, hi: float | None, *, integer: bool, optional: bool = False
+) -> _Validator:
+    """Validator: an int (or a float, unless ``integer``) within [lo, hi].
+
+    ``bool`` is rejected although it is an ``int`` subclass; so are NaN and infinities.
+    """
+
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return _none(inst, attribute, optional)
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            kind = "an integer" if integer else "a number"
+            raise _fail(inst, attribute, f"must be {kind}, got {value!r}")
+        number: float = value
+        if not math.isfinite(number):
+            raise _fail(inst, attribute, f"must be finite, got {value!r}")
+        if (lo is not None and number < lo) or (hi is not None and number > hi):
+            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise _fail(inst, attribute, f"must be in {bounds}, got {value!r}")
+
+    return check
+
+
+def _text(lo: int, hi: int | None = None, *, optional: bool = False) -> _Validator:
+    """Validator: a str whose length (in characters) is within [lo, hi]."""
+
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return _none(inst, attribute, optional)
+        if not isinstance(value, str):
+            raise _fail(inst, attribute, f"must be a str, got {type(value).__name__}")
+        if len(value) < lo or (hi is not None and len(value) > hi):
+            limit = f"{lo}-{hi}" if hi is not None else f">= {lo}"
+            raise _fail(inst, attribute, f"must have {limit} characters, got {len(value)}")
+
+    return check
+
+
+def _one_of(choices: frozenset[Any], kind: type, *, optional: bool = False) -> _Validator:
+    """Validator: exactly one of ``choices`` and of type ``kind`` (so 1.0 or True is no 1)."""
+
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return _none(inst, attribute, optional)
+        if type(value) is not kind or value not in choices:
+            shown = ", ".join(sorted(map(repr, choices)))
+            raise _fail(inst, attribute, f"must be one of {shown}; got {value!r}")
+
+    return check
+
+
+def _flag(*, optional: bool = False) -> _Validator:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return _none(inst, attribute, optional)
+        if not isinstance(value, bool):
+            raise _fail(inst, attribute, f"must be a bool, got {value!r}")
+
+    return check
+
+
+def _items(kind: type, max_len: int) -> _Validator:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+        if len(value) > max_len:
+            raise _fail(inst, attribute, f"accepts at most {max_len} items, got {len(value)}")
+        for item in value:
+            if not isinstance(item, kind):
+                raise _fail(inst, attribute, f"items must be {kind.__name__}, got {item!r}")
+
+    return check
+
+
+def _instance(kind: type, *, optional: bool = True) -> _Validator:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return _none(inst, attribute, optional)
+        if not isinstance(value, kind):
+            raise _fail(inst, attribute, f"must be a {kind.__name__}, got {value!r}")
+
+    return check
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidRequestError(f"expected a sequence, got {value!r}")
+    return tuple(value)
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"Extra.additional must be a mapping, got {value!r}")
+    if not all(isinstance(key, str) for key in value):
+        raise InvalidRequestError("Extra.additional keys must be str")
+    return dict(value)
+
+
+# --------------------------------------------------------------------------- request side
+
+
+@attrs.frozen(kw_only=True)
+class Lora:
+    """A LoRA applied to the checkpoint; ``model_name`` is the model's ``sd_name_in_api``.
+
+    ``strength`` is in [0, 1].
+    """
+
+    model_name: str = attrs.field(validator=_text(1))
+    strength: float = attrs.field(validator=_number(0, 1, integer=False))
+
+
+@attrs.frozen(kw_only=True)
+class Embedding:
+    """A textual-inversion embedding (``sd_name_in_api``; the file name also works)."""
+
+    model_name: str = attrs.field(validator=_text(1))
+
+
+@attrs.frozen(kw_only=True)
+class HiresFix:
+    """Second, upscaled diffusion pass: targets in [128, 4096], ``strength`` in [0, 1]."""
+
+    target_width: int = attrs.field(validator=_number(128, 4096, integer=True))
+    target_height: int = attrs.field(validator=_number(128, 4096, integer=True))
+    strength: float = attrs.field(validator=_number(0, 1, integer=False))
+    upscaler: str | None = attrs.field(
+        default=None, validator=_one_of(UPSCALERS, str, optional=True)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Refiner:
+    """SDXL refiner; ``switch_at`` in [0, 1] is the fraction of steps after which it takes over."""
+
+    switch_at: float = attrs.field(validator=_number(0, 1, integer=False))
+
+
+#: ``clip_skip`` bounds. Novita's schema gives no range (its guide says 1-2 is typical);
+#: 1-12 is the range of the Stable Diffusion WebUI setting Novita's backend mirrors, and
+#: 12 is the layer count of the SD 1.x CLIP text encoder, so nothing larger can mean anything.
+CLIP_SKIP_RANGE = (1, 12)
+
+
+@attrs.frozen(kw_only=True)
+class Txt2ImgRequest:
+    """The ``request`` object of ``POST /v3/async/txt2img``.
+
+    Ranges (Novita's documented ones, checked on construction): prompt and
+    negative_prompt 1-1024 characters, width/height 128-2048, image_num 1-8,
+    steps 1-100, guidance_scale 1-30, seed >= -1 (-1 = random), clip_skip 1-12
+    (see ``CLIP_SKIP_RANGE``), sampler_name one of ``SAMPLERS``, at most 5 loras
+    and 5 embeddings. Required API fields have Novita's example values as
+    defaults; every optional field left as ``None`` (or empty) is omitted from
+    the JSON, so Novita applies its own default (e.g. seed -1).
+    """
+
+    model_name: str = attrs.field(validator=_text(1))
+    prompt: str = attrs.field(validator=_text(1, 1024))
+    width: int = attrs.field(default=512, validator=_number(128, 2048, integer=True))
+    height: int = attrs.field(default=512, validator=_number(128, 2048, integer=True))
+    image_num: int = attrs.field(default=1, validator=_number(1, 8, integer=True))
+    steps: int = attrs.field(default=20, validator=_number(1, 100, integer=True))
+    guidance_scale: float = attrs.field(default=7.5, validator=_number(1, 30, integer=False))
+    sampler_name: str = attrs.field(default="Euler a", validator=_one_of(SAMPLERS, str))
+    negative_prompt: str | None = attrs.field(
+        default=None, validator=_text(1, 1024, optional=True)
+    )
+    sd_vae: str | None = attrs.field(default=None, validator=_text(1, optional=True))
+    seed: int | None = attrs.field(
+        default=None, validator=_number(-1, None, integer=True, optional=True)
+    )
+    clip_skip: int | None = attrs.field(
+        default=None, validator=_number(*CLIP_SKIP_RANGE, integer=True, optional=True)
+    )
+    loras: tuple[Lora, ...] = attrs.field(
+        default=(), converter=_as_tuple, validator=_items(Lora, 5)
+    )
+    embeddings: tuple[Embedding, ...] = attrs.field(
+        default=(), converter=_as_tuple, validator=_items(Embedding, 5)
+    )
+    hires_fix: HiresFix | None = attrs.field(default=None, validator=_instance(HiresFix))
+    refiner: Refiner | None = attrs.field(default=None, validator=_instance(Refiner))
+    restore_faces: bool | None = attrs.field(default=None, validator=_flag(optional=True))
+    enable_transparent_background: bool | None = attrs.field(
+        default=None, validator=_flag(optional=True)
+    )
+
+    @property
+    def cost(self) -> float:
+        """Relative GPU work (steps x megapixels x images); used to predict durations."""
+        pixels = self.width * self.height
+        if self.hires_fix is not None:
+            pixels += self.hires_fix.target_width * self.hires_fix.target_height
+        return self.steps * pixels / 1_000_000 * self.image_num
+
+
+@attrs.frozen(kw_only=True)
+class WebhookTestMode:
+    """Ask Novita to send a simulated webhook event with the given status."""
+
+    enabled: bool = attrs.field(default=True, validator=_flag())
+    return_task_status: str = attrs.field(
+        default="TASK_STATUS_SUCCEED",
+        validator=_one_of(frozenset({"TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"}), str),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Webhook:
+    """Novita POSTs ``{"event_type": "ASYNC_TASK_RESULT", "payload": …}`` to ``url``."""
+
+    url: str = attrs.field(validator=_text(1))
+    test_mode: WebhookTestMode | None = attrs.field(
+        default=None, validator=_instance(WebhookTestMode)
+    )
+
+    @url.validator
+    def _http_url(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if not value.startswith(("http://", "https://")):
+            raise _fail(self, attribute, f"must be an http(s) URL, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class AwsS3Storage:
+    """Write results into the user's own S3 bucket (``save_to_path_directly`` skips
+    the subdirectory Novita adds by default)."""
+
+    region: str = attrs.field(validator=_text(1))
+    bucket: str = attrs.field(validator=_text(1))
+    path: str = attrs.field(validator=_text(1))
+    save_to_path_directly: bool | None = attrs.field(default=None, validator=_flag(optional=True))
+
+
+@attrs.frozen(kw_only=True)
+class CustomStorage:
+    """``extra.custom_storage``: currently only ``aws_s3``."""
+
+    aws_s3: AwsS3Storage = attrs.field(validator=_instance(AwsS3Storage, optional=False))
+
+
+@attrs.frozen(kw_only=True)
+class EnterprisePlan:
+    """Route the task to the account's dedicated endpoint."""
+
+    enabled: bool = attrs.field(default=False, validator=_flag())
+
+
+@attrs.frozen(kw_only=True)
+class Extra:
+    """The optional ``extra`` object of a submission.
+
+    ``response_image_type`` is png, webp or jpeg; ``nsfw_detection_level`` 0, 1
+    or 2 (higher is stricter; detection costs extra per image). ``additional``
+    is merged verbatim into the JSON, for keys Novita adds later; it may not
+    shadow a typed field.
+    """
+
+    response_image_type: ImageType | None = attrs.field(
+        default=None, validator=_one_of(_IMAGE_TYPES, str, optional=True)
+    )
+    enable_nsfw_detection: bool | None = attrs.field(default=None, validator=_flag(optional=True))
+    nsfw_detection_level: int | None = attrs.field(
+        default=None, validator=_one_of(frozenset({0, 1, 2}), int, optional=True)
+    )
+    webhook: Webhook | None = attrs.field(default=None, validator=_instance(Webhook))
+    custom_storage: CustomStorage | None = attrs.field(
+        default=None, validator=_instance(CustomStorage)
+    )
+    enterprise_plan: EnterprisePlan | None = attrs.field(
+        default=None, validator=_instance(EnterprisePlan)
+    )
+    additional: Mapping[str, Any] = attrs.field(factory=dict, converter=_as_dict, hash=False)
+
+    @additional.validator
+    def _no_shadowing(self, attribute: attrs.Attribute[Any], value: Mapping[str, Any]) -> None:
+        typed = {field.name for field in attrs.fields(Extra)} - {"additional"}
+        clash = sorted(typed & set(value))
+        if clash:
+            raise _fail(self, attribute, f"must not repeat typed fields: {', '.join(clash)}")
+
+
+# --------------------------------------------------------------------------- result side
+
+
+class TaskStatus(enum.Enum):
+    """Status of an async task; anything Novita invents later maps to UNKNOWN."""
+
+    QUEUED = "TASK_STATUS_QUEUED"
+    PROCESSING = "TASK_STATUS_PROCESSING"
+    SUCCEED = "TASK_STATUS_SUCCEED"
+    FAILED = "TASK_STATUS_FAILED"
+    UNKNOWN = "TASK_STATUS_UNKNOWN"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (TaskStatus.SUCCEED, TaskStatus.FAILED)
+
+
+@attrs.frozen(kw_only=True)
+class Task:
+    """``task`` of a task result. ``eta`` is in seconds; ``progress_percent`` stays 0
+    for images even on success, so never use it to detect completion."""
+
+    task_id: str
+    task_type: str = ""
+    status: TaskStatus = TaskStatus.UNKNOWN
+    reason: str = ""
+    eta: float | None = None
+    progress_percent: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class NsfwDetectionResult:
+    """``valid``: whether detection ran; ``confidence``: 0-100, higher is more likely NSFW."""
+
+    valid: bool | None = None
+    confidence: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Image:
+    """A generated image: a presigned URL valid for ``image_url_ttl`` seconds (3600).
+
+    ``nsfw_detection_result`` is None when detection was off (Novita sends null or {}).
+    """
+
+    image_url: str
+    image_type: str = ""
+    image_url_ttl: int | None = None
+    nsfw_detection_result: NsfwDetectionResult | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Video:
+    """A generated video (video task types share the task-result endpoint)."""
+
+    video_url: str
+    video_type: str = ""
+    video_url_ttl: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AudioMetadata:
+    """Transcript and timing (seconds) of a generated audio clip."""
+
+    text: str = ""
+    start_time: float | None = None
+    end_time: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Audio:
+    """A generated audio clip."""
+
+    audio_url: str
+    audio_type: str = ""
+    audio_url_ttl: int | None = None
+    audio_metadata: AudioMetadata | None = None
+
+
+@attrs.frozen(kw_only=True)
+class DebugInfo:
+    """Novita's debugging details: ``request_info`` is the JSON string Novita sends,
+    already parsed (None if empty or not an object); times are epoch milliseconds."""
+
+    request_info: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
+    submit_time_ms: int | None = None
+    execute_time_ms: int | None = None
+    complete_time_ms: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ResultExtra:
+    """``extra`` of a task result; ``seed`` is an int although Novita sends a string."""
+
+    seed: int | None = None
+    enable_nsfw_detection: bool | None = None
+    debug_info: DebugInfo | None = None
+
+
+@attrs.frozen(kw_only=True)
+class TaskResult:
+    """One answer of ``GET /v3/async/task-result``."""
+
+    task: Task
+    extra: ResultExtra = ResultExtra()
+    images: tuple[Image, ...] = ()
+    videos: tuple[Video, ...] = ()
+    audios: tuple[Audio, ...] = ()
+
+    @property
+    def task_id(self) -> str:
+        return self.task.task_id
+
+    @property
+    def status(self) -> TaskStatus:
+        return self.task.status
+
+    @property
+    def is_finished(self) -> bool:
+        return self.task.status.is_terminal
+
+
+@attrs.frozen(kw_only=True)
+class WebhookEvent:
+    """A parsed webhook delivery."""
+
+    event_type: str
+    payload: TaskResult | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ModelType:
+    """``type`` of a model (``checkpoint``, ``lora``, ``locon``, ...)."""
+
+    name: str = ""
+    display_name: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Model:
+    """One entry of ``GET /v3/model``."""
+
+    id: int
+    name: str = ""
+    sd_name: str = ""
+    sd_name_in_api: str = ""
+    type: ModelType = ModelType()
+    status: int | None = None
+    hash_sha256: str = ""
+    categories: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    download_url: str = ""
+    download_url_ttl: int | None = None
+    cover_url: str = ""
+    source: str = ""
+    base_model: str = ""
+    base_model_type: str = ""
+    is_sdxl: bool | None = None
+    is_nsfw: bool | None = None
+    visibility: str = ""
+
+    @property
+    def is_available(self) -> bool:
+        return self.status == 1

@@ -1,0 +1,552 @@
+"""HTTP layer: auth, error mapping and the retry rules that keep paid POSTs single.
+
+GET requests are idempotent and retried on 408, 429, 5xx (except ``TASK_FAILED``),
+connection errors, timeouts and malformed bodies. A txt2img POST is retried
+only where Novita certainly created no task: the connection was never made
+(connect error, connect/pool timeout), 429 or 503. Anything else after the body
+may have reached Novita (read/write timeout, reset, 500/502/504, a 2xx without
+a readable task_id) raises :class:`Uncertain`, which the client turns into
+:class:`~novita_async.SubmissionUncertainError`.
+
+The API key lives in a :class:`_Secret` (masked repr), is sent only to the API's
+own scheme/host/port, and is scrubbed from every error this module raises.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import functools
+import json
+import logging
+import math
+import platform
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import anyio
+import attrs
+import httpx
+
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    InsufficientBalanceError,
+    MalformedResponseError,
+    NotFoundError,
+    NovitaError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+)
+from ._version import __version__
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "RetryPolicy",
+    "Transport",
+    "Uncertain",
+    "parse_retry_after",
+    "status_error",
+]
+
+logger = logging.getLogger("novita_async")
+T = TypeVar("T")
+
+#: Novita advises client timeouts above 60 s (its 503/504 are traffic shaping).
+#: Also the "not given" marker of ``AsyncNovita(timeout=...)``: with a
+#: user-supplied ``http_client`` the client's own timeout then applies.
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+_AUTH_REASONS = frozenset({"INVALID_API_KEY", "MISSING_API_KEY", "FAILED_TO_AUTH", "INVALID_AUTH"})
+_BALANCE_REASONS = frozenset(
+    {"BILLING_BALANCE_NOT_ENOUGH", "NOT_ENOUGH_BALANCE", "COST_BALANCE_ERROR"}
+)
+# Exceptions raised before a single byte of the request left this process.
+_NEVER_SENT: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+)
+# Statuses after which a POST certainly created no task (retry_429 permitting).
+_POST_RETRYABLE_STATUS = frozenset({429, 503})
+# Codes of the deprecated v2 envelope {"code", "msg", "data"} -> (HTTP-like status, name).
+_ENVELOPE_CODES: Mapping[int, tuple[int, str]] = {
+    -1: (500, "INTERNAL_ERROR"),
+    1: (400, "INVALID_JSON"),
+    2: (400, "MODEL_NOT_EXISTS"),
+    3: (404, "TASK_ID_NOT_EXISTS"),
+    4: (401, "INVALID_AUTH"),
+    5: (503, "HOST_UNAVAILABLE"),
+    6: (400, "PARAM_RANGE_ERROR"),
+    7: (400, "COST_BALANCE_ERROR"),
+    8: (400, "SAMPLER_NOT_EXISTS"),
+    9: (504, "TIMEOUT"),
+}
+_REDACTED = "[REDACTED]"
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter; ``Retry-After`` wins but is capped.
+
+    Retry ``n`` (0-based) sleeps ``uniform(0, min(max_backoff, initial_backoff * 2**n))``,
+    or the server's ``Retry-After`` capped at ``max_retry_after``.
+    ``max_retries`` counts retries, so a request is sent at most ``max_retries + 1`` times.
+    """
+
+    max_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    initial_backoff: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    max_backoff: float = attrs.field(default=8.0, validator=attrs.validators.ge(0))
+    max_retry_after: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to sleep before retry number ``attempt`` (0-based)."""
+        if retry_after is not None and math.isfinite(retry_after):
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        ceiling = min(self.max_backoff, self.initial_backoff * (2.0 ** min(attempt, 64)))
+        return random.uniform(0, ceiling)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    current = datetime.datetime.now(datetime.timezone.utc).timestamp() if now is None else now
+    return max(when.timestamp() - current, 0.0)
+
+
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """One verifying SSL context for every owned client (building one costs ~0.1 s)."""
+    return httpx.create_ssl_context()
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+class _Secret:
+    """Holds the API key; its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("the API key cannot be pickled")
+
+    def reveal(self) -> str:
+        return self._value
+
+    def redact(self, value: Any) -> Any:
+        """``value`` with every occurrence of the key replaced (str, lists, mappings)."""
+        if isinstance(value, str):
+            return value.replace(self._value, _REDACTED) if self._value in value else value
+        if isinstance(value, Mapping):
+            return {self.redact(k): self.redact(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.redact(item) for item in value)
+        return value
+
+    def scrub(self, error: BaseException) -> None:
+        """Remove the key from an error's args and text attributes, in place."""
+        error.args = tuple(self.redact(arg) for arg in error.args)
+        for name in ("message", "body", "metadata"):
+            if isinstance(getattr(error, name, None), (str, Mapping)):
+                setattr(error, name, self.redact(getattr(error, name)))
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, NovitaError) and cause is not error:
+            self.scrub(cause)
+
+
+def _checked_api_key(api_key: str) -> str:
+    """The stripped key; rejects keys httpx could not send (never echoing the key)."""
+    if not isinstance(api_key, str):
+        raise NovitaError(f"api_key must be a str, got {type(api_key).__name__}")
+    key = api_key.strip()
+    if not key:
+        raise NovitaError("api_key is empty")
+    if not all(33 <= ord(char) <= 126 for char in key):
+        raise NovitaError("api_key contains whitespace or non-ASCII characters")
+    return key
+
+
+# --------------------------------------------------------------------------- error mapping
+
+
+def _error_class(status: int, reason: str) -> type[APIStatusError]:
+    """Classify by Novita's ``reason`` first, then by (HTTP-like) status."""
+    reason = reason.upper()
+    if reason in _AUTH_REASONS or status == 401:
+        return AuthenticationError
+    if status == 429:
+        return RateLimitError
+    if reason in _BALANCE_REASONS:
+        return InsufficientBalanceError
+    if status == 400:
+        return BadRequestError
+    if status == 403:
+        return PermissionDeniedError
+    if status == 404:
+        return NotFoundError
+    if status >= 500:
+        return ServerError
+    return APIStatusError
+
+
+def _request_of(response: httpx.Response) -> tuple[str, str]:
+    try:
+        request = response.request
+    except RuntimeError:  # a Response built by hand has no request
+        return "", ""
+    return request.method, request.url.path
+
+
+def _text_of(response: httpx.Response) -> str:
+    try:
+        return response.text
+    except httpx.ResponseNotRead:
+        return ""
+
+
+def _body_code(text: str) -> int | None:
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        return None
+    code = data.get("code") if isinstance(data, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+def status_error(response: httpx.Response, *, body: str | None = None) -> APIStatusError:
+    """Map a non-2xx response to the error tree, by Novita's ``reason`` first.
+
+    400 ``MISSING_API_KEY``, 401 and 403 ``INVALID_API_KEY`` are
+    :class:`AuthenticationError`; ``BILLING_BALANCE_NOT_ENOUGH`` is
+    :class:`InsufficientBalanceError`; other 403s :class:`PermissionDeniedError`.
+    """
+    from ._convert import parse_error_body
+
+    text = _text_of(response) if body is None else body
+    reason, message, metadata = parse_error_body(text)
+    method, path = _request_of(response)
+    status = response.status_code
+    return _error_class(status, reason)(
+        message or response.reason_phrase,
+        status_code=status,
+        reason=reason,
+        metadata=metadata,
+        body=text[:4000],
+        method=method,
+        path=path,
+        code=_body_code(text),
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+def _envelope_status_error(response: httpx.Response, data: Any) -> APIStatusError | None:
+    """The error a 2xx envelope with a non-zero ``code`` stands for, else None."""
+    from ._convert import envelope_error
+
+    failure = envelope_error(data)
+    if failure is None:
+        return None
+    code, message = failure
+    status, name = _ENVELOPE_CODES.get(code, (code, "") if 100 <= code <= 599 else (500, ""))
+    reason = data.get("reason") if isinstance(data.get("reason"), str) else ""
+    reason = reason or name or f"ENVELOPE_CODE_{code}"
+    metadata = data.get("metadata")
+    method, path = _request_of(response)
+    return _error_class(status, reason)(
+        message or f"{response.status_code} response with error code {code}",
+        status_code=status,
+        reason=reason,
+        metadata=metadata if isinstance(metadata, Mapping) else None,
+        body=_text_of(response)[:4000],
+        method=method,
+        path=path,
+        code=code,
+        envelope=True,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+def _connection_error(exc: httpx.RequestError, method: str, path: str) -> APIConnectionError:
+    kind = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+    detail = str(exc) or type(exc).__name__
+    error = kind(f"{method} {path}: {type(exc).__name__}: {detail}")
+    error.__cause__ = exc
+    return error
+
+
+def _decode_json(response: httpx.Response) -> Any:
+    try:
+        return json.loads(response.content)
+    except ValueError as exc:  # includes UnicodeDecodeError
+        method, path = _request_of(response)
+        raise MalformedResponseError(
+            f"{method} {path}: {response.status_code} body is not JSON",
+            body=_text_of(response)[:2000],
+        ) from exc
+
+
+def _read(response: httpx.Response) -> Any:
+    """The decoded JSON of a successful answer; raises the mapped error otherwise."""
+    if not response.is_success:
+        raise status_error(response)
+    data = _decode_json(response)
+    error = _envelope_status_error(response, data)
+    if error is not None:
+        raise error
+    return data
+
+
+def _get_retryable(error: APIStatusError) -> bool:
+    status = error.status_code
+    return status in (408, 429) or (status >= 500 and error.reason.upper() != "TASK_FAILED")
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class Transport:
+    """Owns (or borrows) the httpx client; signs requests to the API host only.
+
+    ``timeout``: ``DEFAULT_TIMEOUT`` (the default) means "not chosen": an owned
+    client uses it, a user-supplied ``http_client`` keeps its own timeout. Any
+    other value (``None`` = no timeout, as in httpx) applies to every request.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        timeout: float | httpx.Timeout | None,
+        retry: RetryPolicy,
+        http_client: httpx.AsyncClient | None,
+        transport: httpx.AsyncBaseTransport | None,
+        max_connections: int,
+    ) -> None:
+        self._secret = _Secret(_checked_api_key(api_key))
+        base = httpx.URL(base_url.rstrip("/") + "/")
+        if base.scheme not in ("http", "https") or not base.host:
+            raise ValueError(f"base_url must be an absolute http(s) URL, got {base_url!r}")
+        self.base_url = base
+        self.retry = retry
+        self.max_connections = max_connections
+        self._owns_client = http_client is None
+        self._timeout_override: httpx.Timeout | None = None
+        if http_client is None:
+            http_client = httpx.AsyncClient(
+                verify=_default_ssl_context() if transport is None else True,
+                timeout=timeout,
+                limits=httpx.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+                transport=transport,
+                follow_redirects=False,
+            )
+        elif timeout is not DEFAULT_TIMEOUT:
+            self._timeout_override = httpx.Timeout(timeout)
+        self.http = http_client
+        self.user_agent = (
+            f"novita-async/{__version__} httpx/{httpx.__version__} "
+            f"{platform.python_implementation()}/{platform.python_version()}"
+        )
+        #: Sleep used between retries (tests may replace it).
+        self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+
+    def __repr__(self) -> str:
+        return f"<Transport base_url={str(self.base_url)!r}>"
+
+    def url(self, path: str) -> httpx.URL:
+        return self.base_url.join(path.lstrip("/"))
+
+    def is_api_url(self, url: httpx.URL) -> bool:
+        return (url.scheme, url.host, url.port) == (
+            self.base_url.scheme,
+            self.base_url.host,
+            self.base_url.port,
+        )
+
+    def build(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+    ) -> httpx.Request:
+        """A request for ``path`` (or an absolute URL); signed only for the API's origin."""
+        url = self.url(path)
+        headers = {
+            "User-Agent": self.user_agent,
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+        if self.is_api_url(url):  # never sign a request to any other host
+            headers["Authorization"] = f"Bearer {self._secret.reveal()}"
+        if self._timeout_override is not None:
+            return self.http.build_request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                headers=headers,
+                timeout=self._timeout_override,
+            )
+        return self.http.build_request(method, url, params=params, json=json_body, headers=headers)
+
+    def scrub(self, error: BaseException) -> None:
+        """Remove the API key from ``error`` (in place); for modules raising their own."""
+        self._secret.scrub(error)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self.http.aclose()
+
+    async def get(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        parse: Callable[[Any], T],
+    ) -> T:
+        """GET ``path`` and ``parse`` its JSON; retried on anything transient."""
+        try:
+            return await self._get(path, params, parse)
+        except NovitaError as exc:
+            self._secret.scrub(exc)
+            raise
+
+    async def _get(
+        self, path: str, params: Mapping[str, Any] | None, parse: Callable[[Any], T]
+    ) -> T:
+        attempt = 0
+        while True:
+            retry_after: float | None = None
+            error: NovitaError
+            try:
+                response = await self.http.send(self.build("GET", path, params=params))
+                return parse(_read(response))
+            except httpx.RequestError as exc:
+                error = _connection_error(exc, "GET", path)
+            except APIStatusError as exc:
+                if not _get_retryable(exc):
+                    raise
+                error, retry_after = exc, exc.retry_after
+            except MalformedResponseError as exc:
+                error = exc
+            if attempt >= self.retry.max_retries:
+                raise error
+            self._secret.scrub(error)
+            delay = self.retry.delay(attempt, retry_after)
+            logger.info("GET %s failed (%s); retry %d in %.2fs", path, error, attempt + 1, delay)
+            attempt += 1
+            await self.sleep(delay)
+
+    async def post_submission(
+        self,
+        path: str,
+        body: Any,
+        *,
+        retry_429: bool = True,
+        parse: Callable[[Any], Any] = lambda data: data,
+        max_retries: int | None = None,
+    ) -> Any:
+        """POST a task-creating body; return ``parse`` of its decoded JSON.
+
+        Envelope errors are raised as their status errors. Raises
+        :class:`Uncertain` (wrapping the cause) when the task may exist,
+        including when ``parse`` raises :class:`MalformedResponseError`.
+        With ``retry_429=False`` a 429 raises at once, for callers that pace
+        themselves (the fan-out's rate limiter). ``max_retries`` overrides the
+        policy's (``0``: one attempt, the caller retries; the fan-out does, so
+        that no POST starts after it was cancelled).
+        """
+        try:
+            return await self._post(path, body, retry_429, parse, max_retries)
+        except Uncertain as exc:
+            self._secret.scrub(exc.cause)
+            exc.args = (str(exc.cause),)
+            logger.warning("POST %s outcome unknown, not retried: %s", path, exc.cause)
+            raise
+        except NovitaError as exc:
+            self._secret.scrub(exc)
+            raise
+
+    async def _post(
+        self,
+        path: str,
+        body: Any,
+        retry_429: bool,
+        parse: Callable[[Any], Any],
+        max_retries: int | None = None,
+    ) -> Any:
+        retries = self.retry.max_retries if max_retries is None else max_retries
+        attempt = 0
+        while True:
+            retry_after: float | None = None
+            error: NovitaError
+            try:
+                response = await self.http.send(self.build("POST", path, json_body=body))
+            except _NEVER_SENT as exc:  # all httpx.RequestError subclasses
+                error = _connection_error(exc, "POST", path)  # type: ignore[arg-type]
+            except httpx.RequestError as exc:  # the body may have reached Novita
+                raise Uncertain(_connection_error(exc, "POST", path)) from exc
+            else:
+                try:
+                    return parse(_read(response))
+                except MalformedResponseError as exc:  # a 2xx we cannot read: task may exist
+                    raise Uncertain(exc) from exc
+                except APIStatusError as exc:
+                    status = exc.status_code
+                    if status == 503 or (status == 429 and retry_429):
+                        error, retry_after = exc, exc.retry_after
+                    elif status >= 500 and status not in _POST_RETRYABLE_STATUS:
+                        raise Uncertain(exc) from exc
+                    else:
+                        raise
+            if attempt >= retries:
+                raise error
+            self._secret.scrub(error)
+            delay = self.retry.delay(attempt, retry_after)
+            logger.info(
+                "POST %s not accepted (%s); retry %d in %.2fs", path, error, attempt + 1, delay
+            )
+            attempt += 1
+            await self.sleep(delay)
+
+
+class Uncertain(Exception):
+    """Internal: the POST reached Novita but its outcome is unknown."""
+
+    def __init__(self, cause: NovitaError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause

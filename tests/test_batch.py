@@ -1,0 +1,670 @@
+"""The fan-out (``txt2img_many`` / ``txt2img_all``) against the in-process emulator.
+
+Runs on asyncio and trio (``@pytest.mark.anyio``); rate-limit pacing runs on trio's
+MockClock so minutes of quota take no wall time.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import httpx
+import pytest
+import trio
+from trio.testing import MockClock
+
+from novita_async import (
+    AsyncNovita,
+    BadRequestError,
+    BatchItem,
+    BatchRun,
+    InvalidRequestError,
+    Journal,
+    JournalMismatchError,
+    PollPolicy,
+    RetryPolicy,
+    ServerError,
+    SubmissionUncertainError,
+    TaskFailedError,
+    TaskStatus,
+    TaskTimeoutError,
+    Txt2ImgRequest,
+    WeightedRateLimiter,
+)
+from novita_async.testing import NovitaEmulator
+
+pytestmark = pytest.mark.anyio
+
+TXT2IMG = "/v3/async/txt2img"
+#: Poll quickly: the emulated tasks take tens of milliseconds.
+FAST_POLLS = PollPolicy(
+    min_interval=0.01,
+    max_interval=0.1,
+    backoff_initial=0.02,
+    first_poll_delay=0.02,
+    probe_delay=0.02,
+    latency_budget=0.05,
+)
+
+
+def req(prompt: str, **kwargs: Any) -> Txt2ImgRequest:
+    return Txt2ImgRequest(model_name="emulated.safetensors", prompt=prompt, **kwargs)
+
+
+def reqs(n: int, prefix: str = "prompt") -> list[Txt2ImgRequest]:
+    return [req(f"{prefix} {i}") for i in range(n)]
+
+
+def by_prompt(slow: float, fast: float = 0.02) -> Any:
+    """Durations: prompts containing "slow" take ``slow`` seconds, the others ``fast``."""
+    return lambda body: slow if "slow" in body["request"]["prompt"] else fast
+
+
+class Counting(httpx.AsyncBaseTransport):
+    """Counts requests in flight (all, and txt2img POSTs) and POSTs ever sent."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.in_flight = self.max_in_flight = 0
+        self.posts_in_flight = self.max_posts_in_flight = 0
+        self.posts_sent = 0
+        self.refuse_connections = 0  # the next N POSTs fail to connect (never sent)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        post = request.method == "POST" and request.url.path == TXT2IMG
+        if post and self.refuse_connections:
+            self.refuse_connections -= 1
+            raise httpx.ConnectError("emulated connection refused", request=request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if post:
+            self.posts_sent += 1
+            self.posts_in_flight += 1
+            self.max_posts_in_flight = max(self.max_posts_in_flight, self.posts_in_flight)
+        try:
+            return await self.inner.handle_async_request(request)
+        finally:
+            self.in_flight -= 1
+            if post:
+                self.posts_in_flight -= 1
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def client_for(emu: NovitaEmulator, **kwargs: Any) -> tuple[AsyncNovita, Counting]:
+    counting = Counting(emu.transport())
+    kwargs.setdefault("poll_policy", FAST_POLLS)
+    return emu.client(transport=counting, **kwargs), counting
+
+
+def assert_no_task_lost(emu: NovitaEmulator, delivered: list[BatchItem], pending: Any) -> None:
+    """Every task Novita created is either handed out or listed as pending."""
+    handed_out = {item.task_id for item in delivered if item.task_id is not None}
+    assert handed_out.isdisjoint(pending)
+    assert set(emu.tasks) == handed_out | set(pending)
+
+
+async def consume(run: BatchRun, *, hosted: bool) -> list[BatchItem]:
+    """Iterate ``run`` to the end, inside ``async with`` or bare."""
+    if hosted:
+        async with run:
+            return [item async for item in run]
+    return [item async for item in run]
+
+
+# --------------------------------------------------------------------------- items
+
+
+async def test_items_arrive_as_they_finish_with_every_field() -> None:
+    emu = NovitaEmulator(durations=by_prompt(slow=0.6))
+    requests = [req("slow first"), req("fast second"), req("fast third")]
+    client, _ = client_for(emu)
+    async with client, client.txt2img_many(requests) as run:
+        items = [item async for item in run]
+    assert [item.index for item in items][-1] == 0  # the slow one, submitted first, ends last
+    assert sorted(item.index for item in items) == [0, 1, 2]
+    for item in items:
+        assert item.ok
+        assert item.error is None
+        assert not item.from_journal
+        assert item.request is requests[item.index]
+        assert item.task_id is not None
+        assert item.task_id in emu.tasks
+        assert item.result is not None
+        assert item.result.task_id == item.task_id
+        assert item.result.status is TaskStatus.SUCCEED
+        assert len(item.result.images) == 1
+        assert item.unwrap() is item.result
+    assert emu.tasks_created == 3
+    assert run.submitted == 3
+    assert run.delivered == 3
+    assert run.pending_task_ids == ()
+
+
+async def test_a_failed_prompt_is_an_item_not_an_exception() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    requests = [req("fine 0"), req("broken [fail]"), req("fine 2")]
+    client, _ = client_for(emu)
+    async with client:
+        items = await client.txt2img_all(requests)
+    assert [item.index for item in items] == [0, 1, 2]
+    failed = items[1]
+    assert not failed.ok
+    assert failed.result is None
+    assert isinstance(failed.error, TaskFailedError)
+    assert failed.error.task_id == failed.task_id
+    assert failed.error.reason == "emulated failure"
+    with pytest.raises(TaskFailedError):
+        failed.unwrap()
+    assert items[0].ok
+    assert items[2].ok
+
+
+async def test_invalid_request_becomes_an_error_item() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    requests: list[Any] = [req("a"), "not a request", req("b")]
+    client, counting = client_for(emu)
+    async with client:
+        items = await client.txt2img_all(requests)
+    assert isinstance(items[1].error, InvalidRequestError)
+    assert items[1].task_id is None
+    assert cast(Any, items[1].request) == "not a request"
+    assert items[0].ok
+    assert items[2].ok
+    assert emu.tasks_created == 2
+    assert counting.posts_sent == 2
+
+
+async def test_rejected_request_is_an_error_item() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", status=400, reason="INVALID_REQUEST_BODY")
+    client, counting = client_for(emu)
+    async with client:
+        items = await client.txt2img_all(reqs(3), max_concurrent_submissions=1)
+    assert isinstance(items[0].error, BadRequestError)
+    assert items[0].task_id is None
+    assert items[1].ok
+    assert items[2].ok
+    assert counting.posts_sent == 3  # a 400 is not retried
+
+
+async def test_txt2img_all_is_ordered() -> None:
+    emu = NovitaEmulator(durations=(0.01, 0.3), seed=4)
+    client, _ = client_for(emu)
+    async with client:
+        items = await client.txt2img_all(reqs(20))
+    assert [item.index for item in items] == list(range(20))
+    assert all(item.ok for item in items)
+    assert len({item.task_id for item in items}) == 20
+
+
+async def test_timeout_gives_task_timeout_items() -> None:
+    emu = NovitaEmulator(durations=by_prompt(slow=30.0))
+    client, _ = client_for(emu)
+    async with client:
+        items = await client.txt2img_all([req("slow"), req("fast")], timeout=0.3)
+    assert isinstance(items[0].error, TaskTimeoutError)
+    assert items[0].error.task_id == items[0].task_id
+    assert items[0].error.timeout == 0.3
+    assert items[1].ok
+
+
+# --------------------------------------------------------------------------- scale, limits
+
+
+async def test_thousand_task_fan_out() -> None:
+    emu = NovitaEmulator(durations=(0.05, 0.2), seed=1)
+    client, counting = client_for(emu, poll_policy=PollPolicy())
+    seen: list[int] = []
+    async with client, client.txt2img_many(reqs(1000), max_concurrent_submissions=8) as run:
+        async for item in run:
+            assert item.ok, item.error
+            seen.append(item.index)
+    assert sorted(seen) == list(range(1000))  # every index exactly once
+    assert seen != list(range(1000))  # in completion order, not request order
+    assert emu.tasks_created == 1000
+    assert counting.posts_sent == 1000
+    assert counting.max_posts_in_flight <= 8
+    assert counting.max_in_flight <= 8 + client.scheduler.max_concurrent_polls
+
+
+async def test_concurrency_never_exceeds_the_limits() -> None:
+    emu = NovitaEmulator(durations=(0.02, 0.1), latency=0.01)
+    client, counting = client_for(emu, max_connections=7, max_concurrent_polls=3)
+    async with client:
+        items = await client.txt2img_all(reqs(100), max_concurrent_submissions=4)
+    assert all(item.ok for item in items)
+    assert counting.max_posts_in_flight == 4  # reached, never exceeded
+    assert counting.max_in_flight <= 7  # fits the connection pool
+
+
+async def test_submissions_must_fit_the_connection_pool() -> None:
+    emu = NovitaEmulator()
+    client, _ = client_for(emu, max_connections=20, max_concurrent_polls=16)
+    async with client:
+        with pytest.raises(ValueError, match="max_connections"):
+            client.txt2img_many(reqs(1), max_concurrent_submissions=8)
+        assert client.txt2img_many(reqs(1)).max_concurrent_submissions == 4  # default fits
+        with pytest.raises(ValueError):
+            client.txt2img_many(reqs(1), max_concurrent_submissions=0)
+
+
+async def test_one_client_shared_by_concurrent_batches() -> None:
+    emu = NovitaEmulator(durations=(0.01, 0.05))
+    client, counting = client_for(emu)
+    shared = WeightedRateLimiter(None)
+    results: dict[str, list[BatchItem]] = {}
+
+    async def handler(name: str, n: int) -> None:  # e.g. two FastAPI requests
+        results[name] = await client.txt2img_all(reqs(n, name), images_per_minute=shared)
+
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(handler, "alpha", 30)
+        tg.start_soon(handler, "beta", 20)
+    assert [i.index for i in results["alpha"]] == list(range(30))
+    assert [i.index for i in results["beta"]] == list(range(20))
+    assert all(i.request.prompt.startswith("alpha") for i in results["alpha"])
+    assert all(i.ok for i in results["alpha"] + results["beta"])
+    assert emu.tasks_created == 50
+    assert shared.admitted == 50
+    assert counting.max_posts_in_flight <= 16
+
+
+# --------------------------------------------------------------------------- 429, 503, uncertain
+
+
+async def test_429_slows_down_and_retries_without_duplicates() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", status=429, retry_after=0.05, times=3)
+    client, counting = client_for(emu)
+    async with client, client.txt2img_many(reqs(10), images_per_minute=600) as run:
+        items = [item async for item in run]
+    assert all(item.ok for item in items)
+    assert len(items) == 10
+    assert emu.tasks_created == 10  # no request paid twice
+    assert counting.posts_sent == 13  # the three refusals were sent again
+    assert run.limiter.rate_limited == 3
+    assert run.limiter.per_minute == 600 / 8  # halved on each fresh refusal
+
+
+async def test_first_429_when_unpaced_switches_to_adaptive_pacing() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", status=429, retry_after=0.05)
+    client, counting = client_for(emu)
+    async with client, client.txt2img_many(reqs(10)) as run:
+        assert run.limiter.per_minute is None
+        items = [item async for item in run]
+    assert all(item.ok for item in items)
+    assert emu.tasks_created == 10
+    assert counting.posts_sent == 11
+    assert run.limiter.per_minute == 20  # nothing accepted yet: Novita's default quota
+
+
+async def test_503_and_connection_failures_are_retried_by_the_batch() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", status=503, times=2)
+    policy = RetryPolicy(max_retries=4, initial_backoff=0.01)  # 4 failures of one request
+    client, counting = client_for(emu, retry_policy=policy)
+    counting.refuse_connections = 2
+    async with client:
+        items = await client.txt2img_all(reqs(4), max_concurrent_submissions=1)
+    assert all(item.ok for item in items)
+    assert emu.tasks_created == 4
+    assert emu.submissions == 6  # 4 + the two 503s; the refused connections never arrived
+
+
+async def test_503_retries_are_bounded_by_the_retry_policy() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", status=503, times=100)
+    client, _ = client_for(emu, retry_policy=RetryPolicy(max_retries=2, initial_backoff=0.01))
+    async with client:
+        items = await client.txt2img_all(reqs(1))
+    assert isinstance(items[0].error, ServerError)
+    assert items[0].error.status_code == 503
+    assert emu.submissions == 3
+    assert emu.tasks_created == 0
+
+
+async def test_rate_limit_errors_bounded() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", status=429, retry_after=0, times=1000)
+    client, counting = client_for(emu)
+    limiter = WeightedRateLimiter(None, max_pause=0)
+    async with client:
+        items = await client.txt2img_all([req("x")], images_per_minute=limiter)
+    assert items[0].error is not None
+    assert items[0].task_id is None
+    assert counting.posts_sent == 10  # RATE_LIMIT_ATTEMPTS, then an error item
+    assert emu.tasks_created == 0
+
+
+async def test_uncertain_submission_is_an_item_and_never_resent() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", reset=True, after_create=True)  # created, answer lost
+    client, counting = client_for(emu)
+    requests = reqs(5)
+    async with client:
+        items = await client.txt2img_all(requests, max_concurrent_submissions=1)
+    uncertain = [item for item in items if not item.ok]
+    assert len(uncertain) == 1
+    error = uncertain[0].error
+    assert isinstance(error, SubmissionUncertainError)
+    assert error.request is requests[uncertain[0].index]
+    assert uncertain[0].task_id is None
+    assert emu.tasks_created == 5  # one orphan task exists on the server...
+    assert counting.posts_sent == 5  # ...and it was not paid for twice
+
+
+def test_configured_quota_paces_without_any_429() -> None:
+    async def main() -> tuple[list[BatchItem], NovitaEmulator, float]:
+        emu = NovitaEmulator(durations=(1.0, 3.0), clock=anyio.current_time)
+        emu.rate_limit(images_per_minute=20)
+        requests = [req(f"p{i}", image_num=1 + i % 4) for i in range(24)]  # 60 images
+        async with emu.client(poll_policy=FAST_POLLS) as client:
+            start = anyio.current_time()
+            items = await client.txt2img_all(requests, images_per_minute=20)
+            return items, emu, anyio.current_time() - start
+
+    items, emu, elapsed = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert all(item.ok for item in items)
+    assert emu.rate_limited == 0
+    assert emu.tasks_created == 24
+    assert elapsed >= 120  # 60 images at 20/min: the third minute's share starts at 120 s
+
+
+def test_unknown_quota_adapts_to_429s_without_duplicates() -> None:
+    async def main() -> tuple[list[BatchItem], NovitaEmulator, WeightedRateLimiter]:
+        emu = NovitaEmulator(durations=(1.0, 3.0), clock=anyio.current_time)
+        emu.rate_limit(images_per_minute=20)
+        requests = [req(f"p{i}", image_num=1 + i % 4) for i in range(24)]
+        limiter = WeightedRateLimiter(None)
+        async with emu.client(poll_policy=FAST_POLLS) as client:
+            items = await client.txt2img_all(requests, images_per_minute=limiter)
+        return items, emu, limiter
+
+    items, emu, limiter = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert all(item.ok for item in items), [i.error for i in items if i.error]
+    assert emu.tasks_created == 24  # refused POSTs created nothing; none was paid twice
+    assert emu.rate_limited >= 1
+    assert limiter.rate_limited == emu.rate_limited
+    # it learned the quota instead of hammering: few refusals for 60 images at 20/min
+    assert emu.rate_limited <= 12
+
+
+# --------------------------------------------------------------------------- break / cancel
+
+
+async def test_break_out_of_bare_loop_stops_everything(caplog: pytest.LogCaptureFixture) -> None:
+    emu = NovitaEmulator(durations=by_prompt(slow=0.5, fast=0.01), latency=0.01)
+    requests = [req("fast"), *reqs(30, "slow")]
+    client, counting = client_for(emu)
+    async with client:
+        run = client.txt2img_many(requests, max_concurrent_submissions=2)
+        got = []
+        async for item in run:
+            got.append(item)
+            break
+        sent, polls, created = counting.posts_sent, emu.polls_total, emu.tasks_created
+        await anyio.sleep(0.7)  # long enough for more POSTs and polls, were anything running
+        assert (counting.posts_sent, emu.polls_total, emu.tasks_created) == (sent, polls, created)
+        assert sent < len(requests)
+        assert run.pending_task_ids  # submitted, still running, billed
+        assert_no_task_lost(emu, got, run.pending_task_ids)
+        with caplog.at_level(logging.WARNING, logger="novita_async"):
+            await run.aclose()
+        assert any("not delivered" in r.getMessage() for r in caplog.records)
+        assert run.closed
+        assert [item async for item in run] == []
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+async def test_abandoned_bare_loop_logs_pending_tasks(caplog: pytest.LogCaptureFixture) -> None:
+    emu = NovitaEmulator(durations=by_prompt(slow=5.0, fast=0.01))
+    client, _ = client_for(emu)
+    async with client:
+        with caplog.at_level(logging.WARNING, logger="novita_async"):
+            async for _item in client.txt2img_many([req("fast"), *reqs(3, "slow")]):
+                break
+            gc.collect()
+    messages = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert len(messages) == 1
+    assert all(task_id in messages[0] for task_id in emu.tasks if emu.tasks[task_id].duration > 1)
+
+
+async def test_bare_loop_consumes_the_input_lazily() -> None:
+    pulled = 0
+
+    def generate() -> Iterator[Txt2ImgRequest]:
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield req(f"lazy {i}")
+
+    emu = NovitaEmulator(durations=0.01, latency=0.01)
+    client, counting = client_for(emu)
+    async with client:
+        run = client.txt2img_many(generate(), max_concurrent_submissions=2)
+        async for _item in run:
+            break
+        await run.aclose()
+    assert pulled < 100
+    assert counting.posts_sent <= pulled
+
+
+async def test_bare_loop_runs_to_completion_across_calls() -> None:
+    emu = NovitaEmulator(durations=(0.01, 0.1), seed=2)
+    client, _ = client_for(emu)
+    async with client:
+        run = client.txt2img_many(reqs(40))
+        items = []
+        async for item in run:
+            items.append(item)
+            await anyio.sleep(0.005)  # the loop body runs while nothing else does
+    assert sorted(i.index for i in items) == list(range(40))
+    assert all(i.ok for i in items)
+    assert emu.tasks_created == 40
+    assert run.closed
+    assert run.pending_task_ids == ()
+
+
+async def test_cancel_running_batch_from_outside() -> None:
+    emu = NovitaEmulator(durations=by_prompt(slow=0.5, fast=0.01), latency=0.01)
+    client, counting = client_for(emu)
+    got: list[BatchItem] = []
+    async with client:
+        with anyio.CancelScope() as scope:
+            async with client.txt2img_many([req("fast"), *reqs(40, "slow")]) as run:
+                async for item in run:
+                    got.append(item)
+                    scope.cancel()
+                    await anyio.sleep(10)  # cancelled here
+        assert scope.cancelled_caught
+        assert len(got) == 1
+        sent, polls = counting.posts_sent, emu.polls_total
+        await anyio.sleep(0.7)
+        assert (counting.posts_sent, emu.polls_total) == (sent, polls)
+        assert_no_task_lost(emu, got, run.pending_task_ids)
+        assert run.closed
+
+
+@pytest.mark.parametrize("hosted", [True, False], ids=["async-with", "bare"])
+async def test_post_on_the_wire_at_cancellation_is_not_lost(hosted: bool) -> None:
+    emu = NovitaEmulator(durations=5.0)
+    emu.fail_next("txt2img", status=None, delay=0.3)  # the first POST takes 0.3 s
+    client, counting = client_for(emu)
+    async with client:
+        run = client.txt2img_many(reqs(5), max_concurrent_submissions=1)
+        with anyio.move_on_after(0.1) as scope:
+            await consume(run, hosted=hosted)
+        assert scope.cancelled_caught
+        # the shielded POST completed: its (paid) task is known, nothing else was sent
+        assert counting.posts_sent == 1
+        assert emu.tasks_created == 1
+        assert run.pending_task_ids == tuple(emu.tasks)
+        await anyio.sleep(0.3)
+        assert counting.posts_sent == 1
+        await run.aclose()
+
+
+async def test_aclose_inside_async_with_stops_the_batch_not_the_block() -> None:
+    emu = NovitaEmulator(durations=by_prompt(slow=5.0, fast=0.01), latency=0.01)
+    client, counting = client_for(emu)
+    after_close = False
+    async with client, client.txt2img_many([req("fast"), *reqs(30, "slow")]) as run:
+        async for _item in run:
+            await run.aclose()
+            after_close = True  # the block itself was not cancelled
+        sent = counting.posts_sent
+        await anyio.sleep(0.2)
+        assert counting.posts_sent == sent
+        assert_no_task_lost(emu, [_item], run.pending_task_ids)
+    assert after_close
+    assert run.closed
+
+
+async def test_leaving_async_with_without_iterating_cancels() -> None:
+    emu = NovitaEmulator(durations=5.0, latency=0.01)
+    client, counting = client_for(emu)
+    async with client:
+        async with client.txt2img_many(reqs(50), max_concurrent_submissions=2) as run:
+            await anyio.sleep(0.05)
+        sent = counting.posts_sent
+        await anyio.sleep(0.2)
+        assert counting.posts_sent == sent < 50
+        assert_no_task_lost(emu, [], run.pending_task_ids)
+
+
+async def test_exception_in_loop_body_propagates_unwrapped() -> None:
+    emu = NovitaEmulator(durations=0.01)
+    client, _ = client_for(emu)
+    async with client:
+        run = client.txt2img_many(reqs(10))
+
+        async def body() -> None:
+            async with run:
+                async for _item in run:
+                    raise KeyError("mine")
+
+        with pytest.raises(KeyError):  # not an ExceptionGroup
+            await body()
+        assert run.closed
+
+
+@pytest.mark.parametrize("hosted", [True, False], ids=["async-with", "bare"])
+async def test_broken_input_iterator_raises(hosted: bool) -> None:
+    def generate() -> Iterator[Txt2ImgRequest]:
+        yield req("one")
+        raise OSError("input broke")
+
+    emu = NovitaEmulator(durations=0.01)
+    client, _ = client_for(emu)
+    async with client:
+        run = client.txt2img_many(generate())
+        with pytest.raises(OSError, match="input broke"):
+            await consume(run, hosted=hosted)
+
+
+async def test_misuse_is_reported() -> None:
+    emu = NovitaEmulator(durations=0.01)
+    client, _ = client_for(emu)
+    async with client:
+        run = client.txt2img_many(reqs(2))
+        async with run:
+            with pytest.raises(RuntimeError):
+                async with run:
+                    pass
+            assert len([item async for item in run]) == 2
+        assert [item async for item in run] == []  # closed
+        bare = client.txt2img_many(reqs(1))
+        assert (await bare.__anext__()).ok
+        with pytest.raises(RuntimeError):
+            async with bare:
+                pass
+
+
+# --------------------------------------------------------------------------- journal
+
+
+async def test_journal_resumes_without_paying_twice(tmp_path: Path) -> None:
+    db = tmp_path / "batch.db"
+    emu = NovitaEmulator(durations=by_prompt(slow=0.4, fast=0.01))
+    requests = [req("fast a"), req("fast [fail]"), *reqs(6, "slow")]
+    client, counting = client_for(emu)
+    async with client:
+        first: list[BatchItem] = []
+        run = client.txt2img_many(requests, journal=db)
+        async for item in run:
+            first.append(item)
+            if len(first) == 2:
+                break
+        await run.aclose()
+        assert 2 <= emu.tasks_created <= len(requests)
+
+        second = await client.txt2img_all(requests, journal=db)
+    assert [i.index for i in second] == list(range(len(requests)))
+    assert emu.tasks_created == len(requests)  # every prompt paid exactly once
+    assert counting.posts_sent == len(requests)
+    for before in first:  # what the first run handed out comes back from the journal
+        again = second[before.index]
+        assert again.from_journal
+        assert again.task_id == before.task_id
+        assert again.ok == before.ok
+    assert isinstance(second[1].error, TaskFailedError)
+    assert second[1].error.reason == "emulated failure"
+    assert second[0].ok
+    assert all(i.ok for i in second[2:])
+
+
+async def test_journal_keeps_uncertain_prompts_unless_asked(tmp_path: Path) -> None:
+    db = tmp_path / "batch.db"
+    emu = NovitaEmulator(durations=0.01)
+    emu.fail_next("txt2img", reset=True, after_create=True)
+    requests = reqs(3)
+    client, counting = client_for(emu)
+    async with client:
+        one = await client.txt2img_all(requests, journal=db, max_concurrent_submissions=1)
+        assert isinstance(one[0].error, SubmissionUncertainError)
+        two = await client.txt2img_all(requests, journal=db)
+        assert isinstance(two[0].error, SubmissionUncertainError)
+        assert two[0].from_journal
+        assert all(i.from_journal and i.ok for i in two[1:])
+        assert counting.posts_sent == 3
+        three = await client.txt2img_all(requests, journal=db, resubmit_uncertain=True)
+    assert three[0].ok
+    assert not three[0].from_journal
+    assert counting.posts_sent == 4
+    assert emu.tasks_created == 4
+
+
+async def test_journal_of_another_batch_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "batch.db"
+    emu = NovitaEmulator(durations=0.01)
+    client, counting = client_for(emu)
+    async with client:
+        await client.txt2img_all(reqs(2), journal=db)
+        with pytest.raises(JournalMismatchError):
+            await client.txt2img_all(reqs(2, "other"), journal=db)
+        with pytest.raises(JournalMismatchError):
+            async for _item in client.txt2img_many(reqs(2, "other"), journal=db):
+                pass
+    assert counting.posts_sent == 2
+
+
+async def test_caller_owned_journal_stays_open(tmp_path: Path) -> None:
+    emu = NovitaEmulator(durations=0.01)
+    client, _ = client_for(emu)
+    with Journal(tmp_path / "batch.db") as journal:
+        async with client:
+            items = await client.txt2img_all(reqs(3, "owned"), journal=journal)
+            again = await client.txt2img_all(reqs(3, "owned"), journal=journal)
+        assert not journal.closed
+        assert journal.summary()["succeeded"] == 3
+    assert all(i.ok and not i.from_journal for i in items)
+    assert all(i.ok and i.from_journal for i in again)
+    assert emu.tasks_created == 3

@@ -1,0 +1,803 @@
+"""The shared polling scheduler (``novita_async._poller``).
+
+Most tests run on trio with a ``MockClock`` (``autojump_threshold=0``): time is
+virtual, so they assert exact poll instants and counts and still take
+milliseconds. A few run on asyncio and trio in real time with tiny durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from novita_async import (
+    APIConnectionError,
+    AuthenticationError,
+    MalformedResponseError,
+    NotFoundError,
+    PollPolicy,
+    RateLimitError,
+    ServerError,
+    TaskFailedError,
+    TaskTimeoutError,
+    Txt2ImgRequest,
+)
+from novita_async._errors import InvalidRequestError
+from novita_async._models import DebugInfo, ResultExtra, Task, TaskResult, TaskStatus
+from novita_async._poller import PollHint, PollScheduler
+
+EPOCH_MS = 1_700_000_000_000  # the fake server's wall clock = EPOCH_MS + anyio time
+
+
+@attrs.define
+class FakeTask:
+    created: float
+    duration: float
+    fail: bool = False
+    visible_at: float = 0.0
+    script: list[TaskStatus] = attrs.Factory(list)  # statuses answered first, in order
+
+
+class FakeServer:
+    """A task table on anyio's clock; ``fetch`` answers like ``GET task-result``."""
+
+    def __init__(self, *, eta: bool = True, latency: float = 0.0) -> None:
+        self.eta = eta
+        self.latency = latency
+        self.tasks: dict[str, FakeTask] = {}
+        self.calls: list[tuple[float, str]] = []
+        self.errors: dict[str, list[Exception]] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.max_in_flight = 0
+        self.max_in_flight_per_task = 0
+        self.cancelled = 0
+
+    def add(self, task_id: str, duration: float, **kwargs: Any) -> float:
+        now = anyio.current_time()
+        self.tasks[task_id] = FakeTask(created=now, duration=duration, **kwargs)
+        return now
+
+    def completed_at(self, task_id: str) -> float:
+        task = self.tasks[task_id]
+        return task.created + task.duration
+
+    def polls(self, task_id: str) -> int:
+        return sum(1 for _, tid in self.calls if tid == task_id)
+
+    def times(self, task_id: str) -> list[float]:
+        return [t for t, tid in self.calls if tid == task_id]
+
+    async def fetch(self, task_id: str) -> TaskResult:
+        self.calls.append((anyio.current_time(), task_id))
+        self.in_flight[task_id] += 1
+        self.max_in_flight = max(self.max_in_flight, sum(self.in_flight.values()))
+        self.max_in_flight_per_task = max(self.max_in_flight_per_task, self.in_flight[task_id])
+        try:
+            await anyio.sleep(self.latency)
+        except BaseException:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight[task_id] -= 1
+        queued = self.errors.get(task_id)
+        if queued:
+            raise queued.pop(0)
+        return self.answer(task_id)
+
+    def answer(self, task_id: str) -> TaskResult:
+        now = anyio.current_time()
+        task = self.tasks.get(task_id)
+        if task is None or now < task.visible_at:
+            raise NotFoundError("no such task", status_code=404, reason="TASK_NOT_FOUND")
+        done_at = task.created + task.duration
+        if task.script:
+            status = task.script.pop(0)
+        elif now >= done_at:
+            status = TaskStatus.FAILED if task.fail else TaskStatus.SUCCEED
+        else:
+            status = TaskStatus.PROCESSING
+        finished = status.is_terminal
+        eta = 0.0 if finished or not self.eta else round(done_at - now, 3)
+        debug = DebugInfo(
+            submit_time_ms=EPOCH_MS + int(task.created * 1000),
+            complete_time_ms=EPOCH_MS + int(done_at * 1000) if finished else None,
+        )
+        return TaskResult(
+            task=Task(
+                task_id=task_id,
+                status=status,
+                eta=eta,
+                reason="emulated failure" if status is TaskStatus.FAILED else "",
+            ),
+            extra=ResultExtra(debug_info=debug),
+        )
+
+
+def scheduler(server: FakeServer, *, limit: int = 16, **policy: Any) -> PollScheduler:
+    return PollScheduler(server.fetch, max_concurrent_polls=limit, policy=PollPolicy(**policy))
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(0.95 * (len(ordered) - 1))]
+
+
+# --------------------------------------------------------------------------- virtual time
+
+
+class TestVirtualTime:
+    @pytest.fixture
+    def anyio_backend(self) -> tuple[str, dict[str, Any]]:
+        return "trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}
+
+    # ----------------------------------------------------------------- dedupe
+
+    @pytest.mark.anyio
+    async def test_two_waiters_share_one_poll_sequence(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 1.2)
+        results: list[TaskResult] = []
+
+        async def waiter(delay: float) -> None:
+            await anyio.sleep(delay)
+            results.append(await sched.wait("t"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, 0.0)
+            tg.start_soon(waiter, 0.0)
+            tg.start_soon(waiter, 0.5)  # joins the running sequence
+        assert [r.status for r in results] == [TaskStatus.SUCCEED] * 3
+        # Alone, one waiter needs 2 polls (now, then eta); three waiters need no more.
+        assert server.times("t") == pytest.approx([0.0, 1.25])
+        assert sched.stats.polls_total == 2
+        assert sched.stats.poll_histogram == {2: 1}
+        assert sched.tracked == 0
+        assert sched.stats.polls_by_task == {}
+
+    @pytest.mark.anyio
+    async def test_never_two_polls_in_flight_for_one_task(self) -> None:
+        server = FakeServer(latency=0.3)
+        sched = scheduler(server, min_interval=0.0)
+        server.add("t", 2.0)
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(sched.wait, "t")
+        assert server.max_in_flight_per_task == 1
+        assert server.polls("t") <= 3
+
+    # ----------------------------------------------------------------- timing
+
+    @pytest.mark.anyio
+    async def test_eta_schedules_the_next_poll(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, eta_margin=0.05)
+        server.add("t", 3.0)
+        result = await sched.wait("t")
+        assert result.status is TaskStatus.SUCCEED
+        assert server.times("t") == pytest.approx([0.0, 3.05])
+        assert anyio.current_time() == pytest.approx(3.05)
+
+    @pytest.mark.anyio
+    async def test_eta_is_clamped_to_max_interval(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, max_interval=5.0, eta_margin=0.0)
+        server.add("t", 12.0)
+        await sched.wait("t")
+        assert server.times("t") == pytest.approx([0.0, 5.0, 10.0, 12.0])
+
+    @pytest.mark.anyio
+    async def test_backoff_without_eta(self) -> None:
+        server = FakeServer(eta=False)
+        sched = scheduler(server, backoff_initial=0.5, backoff_factor=2.0, max_interval=2.0)
+        server.add("t", 4.0)
+        await sched.wait("t")
+        # 0.5, 1, 2, then capped at 2
+        assert server.times("t") == pytest.approx([0.0, 0.5, 1.5, 3.5, 5.5])
+
+    @pytest.mark.anyio
+    async def test_unknown_status_is_not_terminal(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, backoff_initial=0.5)
+        server.add("t", 0.0, script=[TaskStatus.UNKNOWN, TaskStatus.UNKNOWN])
+        result = await sched.wait("t")
+        assert result.status is TaskStatus.SUCCEED
+        assert server.times("t") == pytest.approx([0.0, 0.5, 1.25])
+
+    @pytest.mark.anyio
+    async def test_hintless_wait_polls_at_once(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("done", 0.0)
+        await anyio.sleep(60)  # finished long ago
+        start = anyio.current_time()
+        await sched.wait("done")
+        assert server.times("done") == [start]
+
+    # ----------------------------------------------------------------- learning
+
+    async def _submit_wave(
+        self, server: FakeServer, sched: PollScheduler, jobs: list[tuple[str, float, float]]
+    ) -> dict[str, float]:
+        """Start (task_id, duration, cost) jobs at once; return delivery times."""
+        delivered: dict[str, float] = {}
+
+        async def one(task_id: str, duration: float, cost: float) -> None:
+            submitted = server.add(task_id, duration)
+            await sched.wait(task_id, hint=PollHint(submitted_at=submitted, cost=cost))
+            delivered[task_id] = anyio.current_time()
+
+        async with anyio.create_task_group() as tg:
+            for job in jobs:
+                tg.start_soon(one, *job)
+        return delivered
+
+    @pytest.mark.anyio
+    async def test_learns_cost_proportional_durations(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        rng = random.Random(1)
+
+        def jobs(prefix: str, n: int) -> list[tuple[str, float, float]]:
+            out = []
+            for i in range(n):
+                cost = rng.choice([20.0, 30.0, 40.0, 50.0, 60.0])
+                out.append((f"{prefix}{i}", 0.05 * cost * rng.uniform(0.97, 1.03), cost))
+            return out
+
+        await self._submit_wave(server, sched, jobs("warm", 40))
+        stats = sched.stats
+        assert stats.probes == 20  # cold start: the first tasks were probed for their eta
+        assert stats.seconds_per_cost_p50 == pytest.approx(0.05, rel=0.03)
+        short, long = sched.predict_first_poll(cost=20.0), sched.predict_first_poll(cost=60.0)
+        assert short is not None
+        assert long is not None
+        assert long / short == pytest.approx(3.0, rel=0.01)  # the cost model was chosen
+        assert 1.0 <= short <= 1.1
+
+        wave = jobs("t", 200)
+        delivered = await self._submit_wave(server, sched, wave)
+        polls = [server.polls(task_id) for task_id, _, _ in wave]
+        assert sum(polls) / len(polls) <= 1.3
+        lags = [delivered[t] - server.completed_at(t) for t, _, _ in wave]
+        assert min(lags) >= 0
+        assert p95(lags) <= 0.5
+
+    @pytest.mark.anyio
+    async def test_learns_without_eta(self) -> None:
+        # Novita's image tasks report eta 0: the learned durations of the slower
+        # tasks then place the poll after a miss (instead of a blind backoff).
+        server = FakeServer(eta=False)
+        sched = scheduler(server)
+        rng = random.Random(5)
+
+        def jobs(prefix: str, n: int) -> list[tuple[str, float, float]]:
+            out = []
+            for i in range(n):
+                cost = rng.choice([20.0, 30.0, 40.0, 50.0, 60.0])
+                out.append((f"{prefix}{i}", 0.05 * cost * rng.uniform(0.95, 1.05), cost))
+            return out
+
+        await self._submit_wave(server, sched, jobs("warm", 60))
+        wave = jobs("t", 200)
+        delivered = await self._submit_wave(server, sched, wave)
+        polls = [server.polls(task_id) for task_id, _, _ in wave]
+        assert sum(polls) / len(polls) <= 1.3
+        lags = [delivered[t] - server.completed_at(t) for t, _, _ in wave]
+        assert p95(lags) <= 0.3
+
+    @pytest.mark.anyio
+    async def test_latency_guard_when_cost_predicts_nothing(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        rng = random.Random(2)
+
+        def jobs(prefix: str, n: int) -> list[tuple[str, float, float]]:
+            return [(f"{prefix}{i}", rng.uniform(1.0, 3.0), rng.uniform(20, 60)) for i in range(n)]
+
+        await self._submit_wave(server, sched, jobs("warm", 60))
+        first = sched.predict_first_poll(cost=40.0)
+        assert first is not None
+        assert first == sched.predict_first_poll()  # cost is ignored: it predicts nothing
+        assert 1.0 <= first <= 1.5  # 5 % quantile (~1.1 s) + latency budget (0.4 s)
+        wave = jobs("t", 200)
+        delivered = await self._submit_wave(server, sched, wave)
+        lags = [delivered[t] - server.completed_at(t) for t, _, _ in wave]
+        assert p95(lags) <= 0.5
+
+    @pytest.mark.anyio
+    async def test_without_latency_guard_first_poll_aims_at_the_quantile(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, latency_budget=None, first_poll_quantile=0.8)
+        rng = random.Random(3)
+        jobs = [(f"t{i}", rng.uniform(1.0, 3.0), 1.0) for i in range(150)]
+        await self._submit_wave(server, sched, jobs)
+        first = sched.predict_first_poll()
+        assert first is not None
+        assert 2.4 <= first <= 3.0
+
+    @pytest.mark.anyio
+    async def test_cold_tasks_wait_for_the_first_samples(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, warmup_samples=3, probe_delay=0.25, first_poll_delay=1.0)
+        jobs = [(f"t{i}", 2.0, 1.0) for i in range(10)]
+        await self._submit_wave(server, sched, jobs)
+        probes = [t for t, _, _ in jobs if server.times(t)[0] == pytest.approx(0.25)]
+        assert len(probes) == 3
+        assert sched.stats.probes == 3
+        for task_id, _, _ in jobs:
+            if task_id not in probes:
+                # re-planned from the probes' eta instead of the cold 1.0 s: one poll
+                assert server.polls(task_id) == 1
+                assert server.times(task_id)[0] >= 2.0
+
+    @pytest.mark.anyio
+    async def test_no_probes_when_the_server_gives_no_eta(self) -> None:
+        server = FakeServer(eta=False)
+        sched = scheduler(server, warmup_samples=3, first_poll_delay=1.0)
+        jobs = [(f"t{i}", 2.0, 1.0) for i in range(10)]
+        await self._submit_wave(server, sched, jobs)
+        assert sched.stats.probes <= 3  # probing stopped at the first eta-less answer
+        assert sched.stats.duration_samples == 10  # learned from the timestamps instead
+
+    # ----------------------------------------------------------------- limiter
+
+    @pytest.mark.anyio
+    async def test_concurrency_limit_is_respected(self) -> None:
+        server = FakeServer(latency=0.1)
+        sched = scheduler(server, limit=4)
+        for i in range(50):
+            server.add(f"t{i}", 1.0)
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(sched.wait, f"t{i}")
+        assert server.max_in_flight == 4
+        assert sched.stats.max_in_flight == 4
+        assert sched.stats.tasks_succeeded == 50
+
+    @pytest.mark.anyio
+    async def test_a_thousand_waiters(self) -> None:
+        server = FakeServer(latency=0.02)
+        sched = scheduler(server, limit=16)
+        rng = random.Random(4)
+        results: list[TaskResult] = []
+
+        async def one(i: int) -> None:
+            task_id = f"t{i % 800}"  # 200 tasks have two waiters
+            if task_id not in server.tasks:
+                submitted = server.add(task_id, rng.uniform(1.0, 3.0))
+                hint = PollHint(submitted_at=submitted, cost=1.0)
+            else:
+                hint = None
+            results.append(await sched.wait(task_id, hint=hint))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(1000):
+                tg.start_soon(one, i)
+        assert len(results) == 1000
+        assert all(r.status is TaskStatus.SUCCEED for r in results)
+        assert server.max_in_flight <= 16
+        assert sched.stats.tasks_succeeded == 800
+        assert sum(sched.stats.poll_histogram.values()) == 800
+        assert sched.stats.polls_total == len(server.calls)
+        assert sched.tracked == 0
+        assert sched.stats.polls_by_task == {}
+        assert sched.stats.in_flight == 0
+
+    # ----------------------------------------------------------------- deadlines
+
+    @pytest.mark.anyio
+    async def test_deadline_raises_with_last_result_and_polling_stops(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, max_interval=1.0)
+        server.add("t", 100.0)
+        with pytest.raises(TaskTimeoutError) as info:
+            await sched.wait("t", timeout=2.5)
+        assert anyio.current_time() == pytest.approx(2.5)
+        err = info.value
+        assert err.task_id == "t"
+        assert err.timeout == 2.5
+        assert err.last_result is not None
+        assert err.last_result.status is TaskStatus.PROCESSING
+        polls = server.polls("t")
+        await anyio.sleep(30)
+        assert server.polls("t") == polls  # nothing after the deadline
+        assert sched.tracked == 0
+        assert sched.stats.timeouts == 1
+        assert sched.stats.tasks_abandoned == 1
+
+    @pytest.mark.anyio
+    async def test_deadline_cancels_a_poll_in_flight(self) -> None:
+        server = FakeServer(latency=5.0)
+        sched = scheduler(server)
+        server.add("t", 1.0)
+        with pytest.raises(TaskTimeoutError) as info:
+            await sched.wait("t", timeout=0.5)
+        assert anyio.current_time() == pytest.approx(0.5)
+        assert info.value.last_result is None
+        assert server.cancelled == 1
+        assert sched.stats.in_flight == 0
+
+    @pytest.mark.anyio
+    async def test_the_longer_deadline_keeps_the_task_alive(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 3.0)
+        outcomes: dict[str, Any] = {}
+
+        async def waiter(name: str, timeout: float | None) -> None:
+            try:
+                outcomes[name] = await sched.wait("t", timeout=timeout)
+            except TaskTimeoutError as exc:
+                outcomes[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, "short", 1.0)
+            tg.start_soon(waiter, "long", None)
+        assert isinstance(outcomes["short"], TaskTimeoutError)
+        assert outcomes["long"].status is TaskStatus.SUCCEED
+        assert server.times("t") == pytest.approx([0.0, 3.05])  # one shared sequence
+
+    @pytest.mark.anyio
+    async def test_the_longest_lived_waiter_drives(self) -> None:
+        # A driver whose deadline falls mid-poll would waste that poll: the
+        # waiter with the later deadline takes over before the next poll.
+        server = FakeServer(latency=0.5)
+        sched = scheduler(server)
+        server.add("t", 3.0)
+        outcomes: list[Any] = []
+
+        async def waiter(delay: float, timeout: float | None) -> None:
+            await anyio.sleep(delay)
+            try:
+                outcomes.append(await sched.wait("t", timeout=timeout))
+            except TaskTimeoutError as exc:
+                outcomes.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, 0.0, 3.2)  # first, so it starts as the driver
+            tg.start_soon(waiter, 0.1, None)
+        assert isinstance(outcomes[0], TaskTimeoutError)
+        assert outcomes[1].status is TaskStatus.SUCCEED
+        assert server.cancelled == 0
+        assert server.times("t") == pytest.approx([0.0, 3.05])
+
+    @pytest.mark.anyio
+    async def test_zero_timeout(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 1.0)
+        with pytest.raises(TaskTimeoutError):
+            await sched.wait("t", timeout=0)
+        assert sched.tracked == 0
+
+    @pytest.mark.anyio
+    async def test_invalid_timeout(self) -> None:
+        sched = scheduler(FakeServer())
+        with pytest.raises(InvalidRequestError):
+            await sched.wait("t", timeout=-1)
+        with pytest.raises(InvalidRequestError):
+            await sched.wait("t", timeout=float("nan"))
+
+    @pytest.mark.anyio
+    async def test_outer_cancellation_is_not_turned_into_a_timeout(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 100.0)
+        with anyio.move_on_after(1.0) as scope:
+            await sched.wait("t", timeout=1.0)  # same instant as the outer cancel
+        assert scope.cancelled_caught
+        assert sched.stats.timeouts == 0
+
+    # ----------------------------------------------------------------- cancellation
+
+    @pytest.mark.anyio
+    async def test_cancelled_waiter_stops_its_task_but_not_a_shared_one(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, max_interval=1.0)
+        server.add("alone", 10.0)
+        server.add("shared", 10.0)
+        shared_result: list[TaskResult] = []
+
+        async def keep_waiting() -> None:
+            shared_result.append(await sched.wait("shared"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_waiting)
+            async with anyio.create_task_group() as doomed:
+                doomed.start_soon(sched.wait, "alone")
+                doomed.start_soon(sched.wait, "shared")
+                await anyio.sleep(2.5)
+                doomed.cancel_scope.cancel()
+            alone_polls = server.polls("alone")
+            assert sched.tracked == 1
+        assert server.polls("alone") == alone_polls  # stopped at the cancellation
+        assert server.times("alone")[-1] <= 2.5
+        assert shared_result[0].status is TaskStatus.SUCCEED
+        assert server.times("shared")[-1] >= 10.0
+
+    @pytest.mark.anyio
+    async def test_driver_cancelled_mid_poll_hands_over(self) -> None:
+        server = FakeServer(latency=0.4)
+        sched = scheduler(server)
+        server.add("t", 2.0)
+        got: list[TaskResult] = []
+
+        async def other() -> None:
+            await anyio.sleep(0.1)  # the first waiter is the driver
+            got.append(await sched.wait("t"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            with anyio.move_on_after(0.2):  # cancels the driver during its first poll
+                await sched.wait("t")
+        assert server.cancelled == 1
+        assert got[0].status is TaskStatus.SUCCEED
+        # the heir repeated the interrupted poll at once, then followed the eta
+        times = server.times("t")
+        assert times[:2] == pytest.approx([0.0, 0.2])
+        assert server.max_in_flight_per_task == 1
+
+    @pytest.mark.anyio
+    async def test_each_waiter_returns_when_its_own_task_is_done(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, min_interval=0.0)
+        returned: dict[str, float] = {}
+
+        async def one(task_id: str, duration: float) -> None:
+            submitted = server.add(task_id, duration)
+            await sched.wait(task_id, hint=PollHint(submitted_at=submitted))
+            returned[task_id] = anyio.current_time()
+
+        async with anyio.create_task_group() as tg:
+            for i, duration in enumerate([0.3, 5.0, 1.0, 2.0]):
+                tg.start_soon(one, f"t{i}", duration)
+        assert sorted(returned, key=returned.__getitem__) == ["t0", "t2", "t3", "t1"]
+        for task_id, at in returned.items():
+            assert at - server.completed_at(task_id) <= 0.1
+
+    # ----------------------------------------------------------------- failures
+
+    @pytest.mark.anyio
+    async def test_failed_task_raises_to_every_waiter(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 1.0, fail=True)
+        errors: list[TaskFailedError] = []
+
+        async def waiter() -> None:
+            with pytest.raises(TaskFailedError) as info:
+                await sched.wait("t")
+            errors.append(info.value)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.start_soon(waiter)
+        assert len(errors) == 2
+        for err in errors:
+            assert err.task_id == "t"
+            assert err.reason == "emulated failure"
+            assert err.result.status is TaskStatus.FAILED
+        assert server.polls("t") == 2
+        assert sched.stats.tasks_failed == 1
+        assert sched.stats.tasks_succeeded == 0
+
+    @pytest.mark.anyio
+    async def test_server_task_failed_500_is_terminal(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 1.0)
+        server.errors["t"] = [ServerError("task failed", status_code=500, reason="TASK_FAILED")]
+        with pytest.raises(TaskFailedError) as info:
+            await sched.wait("t")
+        assert info.value.result.status is TaskStatus.FAILED
+        assert server.polls("t") == 1
+
+    @pytest.mark.anyio
+    async def test_task_not_found_within_grace_keeps_polling(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, not_found_grace=10.0)
+        submitted = server.add("t", 3.0, visible_at=2.0)
+        result = await sched.wait("t", hint=PollHint(submitted_at=submitted))
+        assert result.status is TaskStatus.SUCCEED
+        assert sched.stats.not_found_retries >= 1
+
+    @pytest.mark.anyio
+    async def test_task_not_found_after_grace_raises_to_every_waiter(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, not_found_grace=3.0, max_interval=1.0)
+        errors: list[BaseException] = []
+
+        async def waiter() -> None:
+            try:
+                await sched.wait("ghost")
+            except NotFoundError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.start_soon(waiter)
+        assert len(errors) == 2
+        assert 3.0 <= anyio.current_time() <= 4.0
+        assert sched.tracked == 0
+        assert sched.stats.tasks_errored == 1
+
+    @pytest.mark.anyio
+    async def test_transient_errors_keep_polling(self, caplog: pytest.LogCaptureFixture) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 0.0)
+        server.errors["t"] = [
+            APIConnectionError("connection reset"),
+            ServerError("bad gateway", status_code=502),
+            MalformedResponseError("not JSON"),
+            RateLimitError("slow down", status_code=429),
+        ]
+        with caplog.at_level(logging.WARNING, logger="novita_async"):
+            result = await sched.wait("t")
+        assert result.status is TaskStatus.SUCCEED
+        assert server.polls("t") == 5
+        assert sched.stats.transient_errors == 4
+        assert sum("polling task t failed" in r.getMessage() for r in caplog.records) == 4
+
+    @pytest.mark.anyio
+    async def test_rate_limit_retry_after_pauses_every_poll(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("a", 0.5)
+        server.add("b", 0.5)
+        server.errors["a"] = [RateLimitError("slow down", retry_after=3.0, status_code=429)]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sched.wait, "a")
+            await anyio.sleep(0.1)
+            tg.start_soon(sched.wait, "b")  # due at once, but the pause holds it
+        assert server.times("a") == pytest.approx([0.0, 3.0])
+        assert server.times("b") == pytest.approx([3.0])
+        assert sched.stats.rate_limit_pauses == 1
+
+    @pytest.mark.anyio
+    async def test_auth_error_propagates_to_every_waiter(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)
+        server.add("t", 5.0)
+        server.errors["t"] = [AuthenticationError("bad key", status_code=403)]
+        errors: list[BaseException] = []
+
+        async def waiter() -> None:
+            try:
+                await sched.wait("t")
+            except AuthenticationError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.start_soon(waiter)
+        assert len(errors) == 2
+        assert server.polls("t") == 1
+        assert sched.tracked == 0
+        assert sched.stats.tasks_errored == 1
+
+
+# --------------------------------------------------------------------------- both backends
+
+
+@pytest.mark.anyio
+async def test_real_time_on_both_backends() -> None:
+    server = FakeServer(latency=0.001)
+    sched = scheduler(server, limit=4, min_interval=0.0, eta_margin=0.005)
+    for i in range(20):
+        server.add(f"t{i}", 0.02 + 0.002 * i)
+    results: list[TaskResult] = []
+
+    async def one(task_id: str) -> None:
+        results.append(await sched.wait(task_id, timeout=10))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(one, f"t{i}")
+            tg.start_soon(one, f"t{i}")  # two waiters each
+    assert len(results) == 40
+    assert all(r.status is TaskStatus.SUCCEED for r in results)
+    assert server.max_in_flight <= 4
+    assert server.max_in_flight_per_task == 1
+    assert sched.stats.tasks_succeeded == 20
+    assert sched.stats.polls_total == len(server.calls)
+
+
+@pytest.mark.anyio
+async def test_timeout_and_cancellation_on_both_backends() -> None:
+    server = FakeServer()
+    sched = scheduler(server, max_interval=0.01, min_interval=0.0)
+    server.add("slow", 60.0)
+    with pytest.raises(TaskTimeoutError):
+        await sched.wait("slow", timeout=0.05)
+    with anyio.move_on_after(0.05):
+        await sched.wait("slow")
+    polls = server.polls("slow")
+    await anyio.sleep(0.05)
+    assert server.polls("slow") == polls
+    assert sched.tracked == 0
+
+
+def _task_result_body(task_id: str, status: str, eta: float) -> dict[str, Any]:
+    return {
+        "task": {"task_id": task_id, "status": status, "eta": eta, "reason": ""},
+        "images": [],
+    }
+
+
+@pytest.mark.anyio
+async def test_client_wait_without_async_with(anyio_backend: str) -> None:
+    from novita_async import AsyncNovita
+
+    answers = iter(["TASK_STATUS_QUEUED", "TASK_STATUS_PROCESSING", "TASK_STATUS_SUCCEED"])
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        task_id = request.url.params["task_id"]
+        seen.append(task_id)
+        return httpx.Response(200, json=_task_result_body(task_id, next(answers), 0.01))
+
+    before = asyncio.all_tasks() if anyio_backend == "asyncio" else set()
+    client = AsyncNovita(
+        api_key="k",
+        transport=httpx.MockTransport(handler),
+        poll_policy=PollPolicy(min_interval=0.0, eta_margin=0.0),
+    )
+    result = await client.wait("abc", timeout=5)
+    assert result.status is TaskStatus.SUCCEED
+    assert seen == ["abc"] * 3
+    assert client.scheduler.stats.polls_total == 3
+    assert client.scheduler.tracked == 0
+    if anyio_backend == "asyncio":
+        assert asyncio.all_tasks() == before  # the scheduler started no task
+    else:
+        assert trio.lowlevel.current_task().child_nurseries == []
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_client_txt2img_on_the_emulator() -> None:
+    from novita_async.testing import NovitaEmulator
+
+    emu = NovitaEmulator(durations=(0.02, 0.05))
+    client = emu.client(poll_policy=PollPolicy(min_interval=0.0, probe_delay=0.005))
+    request = Txt2ImgRequest(model_name="m", prompt="a lighthouse")
+    results = []
+    async with anyio.create_task_group() as tg:
+
+        async def one() -> None:
+            results.append(await client.txt2img(request, timeout=10))
+
+        for _ in range(5):
+            tg.start_soon(one)
+    assert [r.status for r in results] == [TaskStatus.SUCCEED] * 5
+    assert emu.tasks_created == 5
+    assert sum(emu.polls.values()) == client.scheduler.stats.polls_total
+    await client.aclose()
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError, match="min_interval"):
+        PollPolicy(min_interval=2.0, max_interval=1.0)
+    with pytest.raises(ValueError):
+        PollPolicy(first_poll_quantile=1.0)
+    with pytest.raises(ValueError):
+        PollPolicy(latency_budget=-1.0)
+    with pytest.raises(ValueError):
+        PollPolicy(warmup_samples=0)
+    with pytest.raises(ValueError, match="warmup_samples"):
+        PollPolicy(warmup_samples=30, learning_window=10)
+    assert PollPolicy(latency_budget=None).latency_budget is None
+    with pytest.raises(ValueError):
+        PollScheduler(FakeServer().fetch, max_concurrent_polls=0, policy=PollPolicy())

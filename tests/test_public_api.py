@@ -1,0 +1,97 @@
+"""The names other code imports from ``novita_async`` (the issues' contract)."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+import novita_async
+
+CONTRACT = [
+    "AsyncNovita",
+    "Txt2ImgRequest",
+    "Extra",
+    "Lora",
+    "Embedding",
+    "HiresFix",
+    "Refiner",
+    "Webhook",
+    "TaskResult",
+    "Task",
+    "TaskStatus",
+    "Image",
+    "NsfwDetectionResult",
+    "NovitaError",
+    "InvalidRequestError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "RateLimitError",
+    "ServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "SubmissionUncertainError",
+    "TaskFailedError",
+    "TaskTimeoutError",
+]
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_contract_name_is_exported(name: str) -> None:
+    assert name in novita_async.__all__
+    assert getattr(novita_async, name) is not None
+
+
+def test_all_names_resolve() -> None:
+    missing = [name for name in novita_async.__all__ if not hasattr(novita_async, name)]
+    assert missing == []
+
+
+def test_task_status_members() -> None:
+    assert {s.name for s in novita_async.TaskStatus} == {
+        "QUEUED",
+        "PROCESSING",
+        "SUCCEED",
+        "FAILED",
+        "UNKNOWN",
+    }
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [novita_async.Txt2ImgRequest, novita_async.Extra, novita_async.TaskResult, novita_async.Image],
+)
+def test_models_are_frozen_slotted_kw_only(cls: type) -> None:
+    assert attrs.has(cls)
+    assert "__slots__" in cls.__dict__
+    assert all(field.kw_only for field in attrs.fields(cls))
+    with pytest.raises(TypeError):
+        cls("positional")  # keyword-only
+
+
+def test_error_hierarchy() -> None:
+    n = novita_async
+    assert issubclass(n.InvalidRequestError, n.NovitaError)
+    assert issubclass(n.InvalidRequestError, ValueError)
+    for cls in (
+        n.BadRequestError,
+        n.AuthenticationError,
+        n.PermissionDeniedError,
+        n.NotFoundError,
+        n.RateLimitError,
+        n.ServerError,
+    ):
+        assert issubclass(cls, n.APIStatusError)
+    assert issubclass(n.APIStatusError, n.NovitaError)
+    assert issubclass(n.APITimeoutError, n.APIConnectionError)
+    assert issubclass(n.SubmissionUncertainError, n.NovitaError)
+    assert issubclass(n.TaskTimeoutError, n.NovitaError)
+    assert issubclass(n.TaskFailedError, n.NovitaError)
+
+
+def test_py_typed_marker_ships() -> None:
+    from importlib import resources
+
+    assert resources.files("novita_async").joinpath("py.typed").is_file()

@@ -1,0 +1,243 @@
+"""WeightedRateLimiter: sliding-window image quota, FIFO fairness, 429 slow-down and recovery.
+
+Timing tests run on trio's MockClock (virtual time: a minute of pacing takes no
+wall time); the rest run on asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+import trio
+from trio.testing import MockClock
+
+from novita_async import WeightedRateLimiter
+from novita_async._ratelimit import WINDOW, Admission
+
+
+def virtual(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``fn`` on trio with a virtual clock that jumps whenever everyone sleeps."""
+    return trio.run(fn, clock=MockClock(autojump_threshold=0))
+
+
+def max_window_load(admissions: list[Admission]) -> float:
+    """The largest admitted weight inside any half-open 60 s window."""
+    best = 0.0
+    for first in admissions:
+        load = sum(a.weight for a in admissions if first.at <= a.at < first.at + WINDOW)
+        best = max(best, load)
+    return best
+
+
+def test_rejects_bad_arguments() -> None:
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            WeightedRateLimiter(bad)
+    with pytest.raises(ValueError):
+        WeightedRateLimiter(20, burst=0)
+    with pytest.raises(ValueError):
+        WeightedRateLimiter(20, min_per_minute=0)
+
+
+@pytest.mark.anyio
+async def test_rejects_bad_weight() -> None:
+    limiter = WeightedRateLimiter(20)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            await limiter.acquire(bad)
+
+
+@pytest.mark.anyio
+async def test_unlimited_admits_everything_at_once() -> None:
+    limiter = WeightedRateLimiter(None)
+    start = anyio.current_time()
+    admissions = [await limiter.acquire(8) for _ in range(100)]
+    assert [a.seq for a in admissions] == list(range(1, 101))
+    assert limiter.admitted == 800
+    assert limiter.per_minute is None
+    assert anyio.current_time() - start < 5  # no pacing (generous bound, not a timing goal)
+
+
+def test_images_per_minute_over_a_sliding_window() -> None:
+    async def main() -> list[float]:
+        limiter = WeightedRateLimiter(20)
+        start = trio.current_time()
+        return [(await limiter.acquire(1)).at - start for _ in range(50)]
+
+    times = virtual(main)
+    assert times[:20] == [0.0] * 20  # the first minute's quota at once
+    assert all(t == pytest.approx(60.0) for t in times[20:40])
+    assert all(t == pytest.approx(120.0) for t in times[40:])
+
+
+def test_weight_counts_images_and_heavy_requests_are_not_starved() -> None:
+    async def main() -> list[tuple[int, float]]:
+        limiter = WeightedRateLimiter(20)
+        order: list[tuple[int, float]] = []
+        weights = [8, 8, 8, 1, 1, 8, 1]
+
+        async def one(i: int, weight: int) -> None:
+            admission = await limiter.acquire(weight)
+            order.append((i, admission.at))
+
+        async with trio.open_nursery() as nursery:
+            for i, weight in enumerate(weights):
+                nursery.start_soon(one, i, weight)
+                await trio.sleep(0.001)  # queue them in this order
+        return order
+
+    order = virtual(main)
+    # first come, first served: the light requests queued behind an 8 wait for it
+    assert [i for i, _ in order] == list(range(7))
+    at = dict(order)
+    assert at[1] - at[0] < 1  # 8 + 8 = 16 <= 20
+    assert at[2] - at[0] == pytest.approx(60.0, abs=0.01)  # 24 > 20: the window must slide
+    assert at[3] >= at[2]  # a 1 never overtakes the waiting 8
+
+
+def test_random_weights_never_exceed_the_quota_in_any_minute() -> None:
+    rng = random.Random(3)
+
+    async def main() -> list[Admission]:
+        limiter = WeightedRateLimiter(20)
+        admissions: list[Admission] = []
+
+        async def one(weight: int) -> None:
+            admissions.append(await limiter.acquire(weight))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(60):
+                nursery.start_soon(one, rng.randint(1, 8))
+                await trio.sleep(rng.uniform(0, 5))
+        return admissions
+
+    admissions = virtual(main)
+    assert len(admissions) == 60
+    assert max_window_load(admissions) <= 20
+
+
+def test_weight_above_the_limit_is_capped_so_it_still_passes() -> None:
+    async def main() -> tuple[float, float]:
+        limiter = WeightedRateLimiter(5)
+        big = await limiter.acquire(8)  # needs the whole window, and gets it
+        small = await limiter.acquire(1)
+        return big.at, small.at
+
+    big, small = virtual(main)
+    assert small - big == pytest.approx(60.0)
+
+
+def test_burst_smooths_admissions() -> None:
+    async def main() -> list[float]:
+        limiter = WeightedRateLimiter(20, burst=2)
+        start = trio.current_time()
+        return [(await limiter.acquire(1)).at - start for _ in range(6)]
+
+    times = virtual(main)
+    assert times[:2] == [0.0, 0.0]
+    # then one image every 3 s (20/min), instead of the whole quota at once
+    assert times[2:] == pytest.approx([3.0, 6.0, 9.0, 12.0])
+
+
+def test_first_429_when_unlimited_learns_the_quota_then_halves() -> None:
+    async def main() -> None:
+        limiter = WeightedRateLimiter(None)
+        admissions = [await limiter.acquire(1) for _ in range(25)]
+        # Novita accepted 20, refused the 21st and (stale) the ones sent with it
+        limiter.on_rate_limited(retry_after=2.0, admission=admissions[20])
+        assert limiter.per_minute == 20
+        assert limiter.paused_until == pytest.approx(trio.current_time() + 2.0)
+        for stale in admissions[21:]:
+            limiter.on_rate_limited(retry_after=2.0, admission=stale)
+        assert limiter.per_minute == 20  # one overshoot counts once
+        assert limiter.rate_limited == 5
+        assert limiter.admitted == 20  # refused work was refunded
+        # a refusal of work admitted after the slow-down halves the rate
+        later = await limiter.acquire(1)
+        assert trio.current_time() >= 60  # it waited for the window to slide
+        # a quiet minute passed meanwhile: + 10 % of the learned quota, then halved
+        limiter.on_rate_limited(admission=later)
+        assert limiter.per_minute == (20 + 2) / 2
+
+    virtual(main)
+
+
+def test_429_pauses_everyone_until_retry_after() -> None:
+    async def main() -> float:
+        limiter = WeightedRateLimiter(1000)
+        first = await limiter.acquire(1)
+        limiter.on_rate_limited(retry_after=7.0, admission=first)
+        return (await limiter.acquire(1)).at - first.at
+
+    assert virtual(main) == pytest.approx(7.0)
+
+
+def test_recovers_additively_after_quiet_periods_up_to_the_configured_rate() -> None:
+    async def main() -> None:
+        limiter = WeightedRateLimiter(20, recovery_period=60.0)
+        limiter.on_rate_limited(retry_after=0)
+        assert limiter.per_minute == 10
+        await trio.sleep(60)
+        assert limiter.per_minute == 12  # + 10 % of the configured rate per quiet minute
+        await trio.sleep(60 * 3)
+        assert limiter.per_minute == 18
+        await trio.sleep(60 * 10)
+        assert limiter.per_minute == 20  # never above the configuration
+        limiter.on_rate_limited(retry_after=0)
+        limiter.on_rate_limited(retry_after=0)
+        limiter.on_rate_limited(retry_after=0)
+        limiter.on_rate_limited(retry_after=0)
+        limiter.on_rate_limited(retry_after=0)
+        assert limiter.per_minute == 1  # the floor
+
+    virtual(main)
+
+
+def test_slowed_down_limiter_paces_at_the_new_rate() -> None:
+    async def main() -> list[Admission]:
+        limiter = WeightedRateLimiter(20, recovery_period=3600)
+        limiter.on_rate_limited(retry_after=0)  # 10/min now (and for the next hour)
+        return [await limiter.acquire(1) for _ in range(30)]
+
+    admissions = virtual(main)
+    assert max_window_load(admissions) <= 10
+    assert admissions[-1].at >= 120
+
+
+def test_cancelled_waiter_gets_nothing_and_blocks_nobody() -> None:
+    async def main() -> None:
+        limiter = WeightedRateLimiter(2)
+        await limiter.acquire(2)  # the window is full for 60 s
+        with trio.move_on_after(10) as scope:
+            await limiter.acquire(1)
+        assert scope.cancelled_caught
+        assert limiter.admitted == 2
+        nxt = await limiter.acquire(1)
+        assert nxt.at == pytest.approx(60.0)
+
+    virtual(main)
+
+
+@pytest.mark.anyio
+async def test_acquire_in_a_cancelled_scope_never_admits() -> None:
+    limiter = WeightedRateLimiter(None)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await limiter.acquire(1)
+    assert scope.cancelled_caught
+    assert limiter.admitted == 0
+
+
+@pytest.mark.anyio
+async def test_refund_frees_the_window() -> None:
+    limiter = WeightedRateLimiter(2)
+    first = await limiter.acquire(2)
+    limiter.refund(first)
+    limiter.refund(first)  # idempotent
+    with anyio.fail_after(5):
+        await limiter.acquire(2)  # would wait a minute without the refund
+    assert limiter.admitted == 2
