@@ -1,4 +1,4 @@
-"""Project automation: ``nox`` runs tests, lint and mypy; ``nox -s bench`` / ``-s demo`` on demand."""
+"""Project automation: tests, lint and mypy by default; bench and demo on demand."""
 
 from __future__ import annotations
 

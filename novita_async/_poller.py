@@ -2,17 +2,28 @@
 
 One :class:`PollScheduler` per client holds the table of tracked tasks (one
 *entry* per task_id, shared by all its waiters, so two waiters share one poll
-sequence), one :class:`anyio.CapacityLimiter` for in-flight polls, one duration
-learner and one rate-limit pause.
+sequence), a heap of their next poll times, one :class:`anyio.CapacityLimiter`
+for in-flight polls, one duration learner and one rate-limit pause.
 
-It owns no background task. Each entry is *driven* by exactly one of its
-waiters: that waiter sleeps until the entry is due and polls it in its own task,
-so every due task is polled concurrently (up to ``max_concurrent_polls``), the
-client works with or without ``async with``, and nothing can outlive its caller.
-The other waiters of the entry sleep on an event. When the driver leaves (its
-deadline, cancellation) the waiter with the latest deadline takes over at once;
-an interrupted poll is simply repeated (GETs are idempotent). When the last
-waiter leaves, the entry is dropped: no more polls for it.
+Tick model. At any time exactly one waiter (of any task) is the *driver*; it
+runs the scheduler's tick loop inside its own :meth:`~PollScheduler.wait`
+call, in a task group it owns, so the client owns no background task and
+works with or without ``async with``. Each tick pops every entry due within
+``tick_coalesce`` from the heap (O(due · log n)) and starts one poll per due
+entry in that task group, all concurrent under the limiter, never two for one
+entry; then the driver sleeps until the next due time, or until woken (an
+entry became due earlier, its own task finished). The other waiters sleep on
+their own event until their task is done, their deadline, or their election.
+
+Hand-off. When the driver's task finishes (or its deadline is ``handoff_grace``
+away and a later-deadline waiter exists) it elects the waiter with the latest
+deadline (newest first) and wakes it: that one ticks on at once. The old
+driver gives its in-flight polls ``handoff_grace`` to finish, cancels the rest
+and the not-yet-started ones (GETs are idempotent; those entries become due
+now). A driver cancelled from outside elects its heir synchronously in
+``finally`` and its polls are cancelled the same way. When the last waiter of
+a task leaves, its entry is dropped at once: its in-flight poll is cancelled,
+no more polls.
 
 Timing of one task (see :class:`PollPolicy`): the first poll comes at
 submission + a quantile of the durations learned from finished tasks (Novita's
@@ -25,6 +36,7 @@ of slower tasks, else a backoff.
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import math
 from collections import deque
@@ -34,6 +46,7 @@ from typing import Any, Literal
 import anyio
 import anyio.lowlevel
 import attrs
+from anyio.abc import TaskGroup
 
 from ._errors import (
     APIConnectionError,
@@ -63,6 +76,8 @@ _EDGE_SPACINGS = 3
 _COST_MODEL_GAIN = 0.8
 #: Longest duration / eta taken at face value (larger ones are not seconds).
 _MAX_SECONDS = 86_400.0
+#: An election looks past at most this many waiters whose task is being polled.
+_MAX_SKIPPED_HEIRS = 256
 #: Recent ``server submit time - local submit time`` values (server clock offset).
 _CLOCK_SAMPLES = 32
 
@@ -98,6 +113,9 @@ class PollPolicy:
       sample) and the others wait ``first_poll_delay``.
     * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
       a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
+    * One tick polls every task due within ``tick_coalesce`` of it (so a poll
+      may come that much early). A driver handing the tick loop over gives its
+      in-flight polls ``handoff_grace`` to finish before cancelling them.
     """
 
     min_interval: float = attrs.field(default=0.2, validator=_nonneg)
@@ -113,6 +131,8 @@ class PollPolicy:
     learning_window: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     not_found_grace: float = attrs.field(default=10.0, validator=_nonneg)
     max_pause: float = attrs.field(default=60.0, validator=_nonneg)
+    tick_coalesce: float = attrs.field(default=0.02, validator=_nonneg)
+    handoff_grace: float = attrs.field(default=0.25, validator=_nonneg)
 
     def __attrs_post_init__(self) -> None:
         if self.min_interval > self.max_interval:
@@ -137,8 +157,12 @@ class PollHint:
 class PollStats:
     """Live counters of a :class:`PollScheduler` (read them, don't write them).
 
-    ``polls_by_task`` covers the tasks being tracked right now;
-    ``poll_histogram`` maps "polls a finished task needed" to a task count.
+    ``polls_total`` counts GETs sent, ``polls_cancelled`` those cut short (a
+    dropped task, a hand-off); ``polls_by_task`` counts answered polls of the
+    tasks being tracked right now; ``poll_histogram`` maps "answered polls a
+    finished task needed" to a task count. ``ticks`` counts driver ticks that
+    started polls (``max_polls_per_tick``: the most one tick started);
+    ``handoffs`` counts driver elections after the first driver left.
     """
 
     polls_total: int = 0
@@ -152,6 +176,10 @@ class PollStats:
     transient_errors: int = 0
     not_found_retries: int = 0
     rate_limit_pauses: int = 0
+    polls_cancelled: int = 0
+    ticks: int = 0
+    max_polls_per_tick: int = 0
+    handoffs: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     probes: int = 0
@@ -244,16 +272,10 @@ class _Learner:
         self._offsets: deque[float] = deque(maxlen=_CLOCK_SAMPLES)
         self.probes_out = 0
         self.eta_supported: bool | None = None
-        self._warmed: anyio.Event | None = None
 
     @property
     def warm(self) -> bool:
         return len(self.raw) >= self.policy.warmup_samples
-
-    def warmed(self) -> anyio.Event:
-        if self._warmed is None:
-            self._warmed = anyio.Event()
-        return self._warmed
 
     def _model(self, cost: float | None) -> tuple[_Window, float, float, float]:
         """(window, scale, low quantile, high quantile) that predict a task of ``cost``.
@@ -322,9 +344,10 @@ class _Learner:
         self._offsets.append(submitted - submitted_at)
         return duration + self._offsets[-1] - min(self._offsets)
 
-    def add(self, seconds: float, cost: float | None, stats: PollStats) -> None:
+    def add(self, seconds: float, cost: float | None, stats: PollStats) -> bool:
+        """Learn one duration; ``True`` when it made the learner warm."""
         if not 0 <= seconds <= _MAX_SECONDS:
-            return
+            return False
         was_warm = self.warm
         self.raw.add(seconds)
         if cost is not None:
@@ -332,23 +355,22 @@ class _Learner:
             stats.seconds_per_cost_p50 = self.per_cost.quantile(0.5)
         stats.duration_samples += 1
         stats.duration_p50 = self.raw.quantile(0.5)
-        if self.warm and not was_warm and self._warmed is not None:
-            self._warmed.set()
+        return self.warm and not was_warm
 
 
 # --------------------------------------------------------------------------- entries
 
 
 class _Waiter:
-    __slots__ = ("deadline", "wake")
+    """One :meth:`PollScheduler.wait` call."""
 
-    def __init__(self, deadline: float) -> None:
+    __slots__ = ("active", "deadline", "entry", "wake")
+
+    def __init__(self, entry: _Entry, deadline: float) -> None:
+        self.entry = entry
         self.deadline = deadline
+        self.active = True
         self.wake = anyio.Event()
-
-
-def _deadline(waiter: _Waiter) -> float:
-    return waiter.deadline
 
 
 class _Entry:
@@ -360,15 +382,20 @@ class _Entry:
         "cost",
         "created_at",
         "done",
-        "driver",
+        "dropped",
         "error",
         "errors",
+        "fetching",
+        "heap_seq",
         "last",
         "next_at",
         "plan",
+        "polling",
         "polls",
         "result",
         "sampled",
+        "scope",
+        "sent",
         "submitted_at",
         "task_id",
         "waiters",
@@ -380,9 +407,13 @@ class _Entry:
         self.submitted_at: float | None = None
         self.cost: float | None = None
         self.waiters: dict[_Waiter, None] = {}
-        self.driver: _Waiter | None = None
         self.plan: Plan = "now"
         self.next_at = now
+        self.heap_seq = -1  # seq of this entry's one valid heap item, -1: none
+        self.polling = False  # a poll task exists (queued on the limiter or fetching)
+        self.fetching = False
+        self.scope: anyio.CancelScope | None = None  # the poll task's scope
+        self.sent = 0
         self.polls = 0
         self.answered = False
         self.sampled = False
@@ -390,8 +421,13 @@ class _Entry:
         self.errors = 0
         self.last: TaskResult | None = None
         self.done = False
+        self.dropped = False
         self.result: TaskResult | None = None
         self.error: Exception | None = None
+
+    @property
+    def live(self) -> bool:
+        return not (self.done or self.dropped)
 
     def absorb(self, hint: PollHint, now: float) -> None:
         """Take what ``hint`` knows and this entry does not (for learning)."""
@@ -400,6 +436,22 @@ class _Entry:
             self.submitted_at = min(submitted, now)
         if self.cost is None and cost is not None and math.isfinite(cost) and cost > 0:
             self.cost = float(cost)
+
+
+class _Session:
+    """The polls one driver started (they live in its task group)."""
+
+    __slots__ = ("closing", "entries", "idle")
+
+    def __init__(self) -> None:
+        self.entries: set[_Entry] = set()
+        self.closing = False
+        self.idle = anyio.Event()
+
+    def discard(self, entry: _Entry) -> None:
+        self.entries.discard(entry)
+        if self.closing and not self.entries:
+            self.idle.set()
 
 
 def _eta(result: TaskResult) -> float | None:
@@ -417,7 +469,9 @@ class PollScheduler:
 
     ``fetch(task_id)`` performs one ``GET /v3/async/task-result`` (already
     retried on transient failures). Safe to share across tasks of one event
-    loop (e.g. FastAPI requests); it never spawns a task.
+    loop (e.g. FastAPI requests). It owns no background task: one waiter at a
+    time drives the tick loop, its polls running in a task group inside that
+    waiter's :meth:`wait` call.
     """
 
     def __init__(
@@ -437,6 +491,14 @@ class PollScheduler:
         self._learner = _Learner(policy)
         self._paused_until = -math.inf
         self._stats = PollStats()
+        self._seq = 0
+        #: (next_at, seq, entry): lazy deletion, an item is valid iff entry.heap_seq == seq.
+        self._heap: list[tuple[float, int, _Entry]] = []
+        #: (-deadline, -seq, waiter): election order, lazy deletion of waiters that left.
+        self._candidates: list[tuple[float, int, _Waiter]] = []
+        self._waiting = 0
+        self._driver: _Waiter | None = None
+        self._wake_at = -math.inf  # when the sleeping driver wakes up by itself
 
     def __repr__(self) -> str:
         return (
@@ -477,14 +539,11 @@ class PollScheduler:
             entry = self._track(task_id, hint, now)
         elif hint is not None:
             entry.absorb(hint, now)
-        me = _Waiter(now + timeout if timeout is not None else math.inf)
-        entry.waiters[me] = None
-        if entry.driver is None:
-            entry.driver = me
+        me = self._join(entry, now + timeout if timeout is not None else math.inf)
         try:
             with anyio.CancelScope(deadline=me.deadline):
                 while not entry.done:
-                    if entry.driver is me:
+                    if self._driver is me:
                         await self._drive(entry, me)
                     else:
                         await me.wake.wait()
@@ -515,17 +574,32 @@ class PollScheduler:
                 entry.plan, entry.next_at = "cold", submitted + self.policy.first_poll_delay
         self._entries[task_id] = entry
         self._stats.polls_by_task[task_id] = 0
+        self._schedule(entry)
         return entry
 
+    def _join(self, entry: _Entry, deadline: float) -> _Waiter:
+        me = _Waiter(entry, deadline)
+        entry.waiters[me] = None
+        self._seq += 1
+        self._waiting += 1
+        candidates = self._candidates
+        if len(candidates) > 64 + 2 * self._waiting:  # drop the waiters that left
+            candidates[:] = [c for c in candidates if c[2].active and c[2].entry.live]
+            heapq.heapify(candidates)
+        heapq.heappush(candidates, (-deadline, -self._seq, me))
+        if self._driver is None:
+            self._driver = me
+        return me
+
     def _leave(self, entry: _Entry, me: _Waiter) -> None:
+        me.active = False
         del entry.waiters[me]
-        if entry.driver is me:
-            entry.driver = None
-            if not entry.done and entry.waiters:
-                heir = max(entry.waiters, key=_deadline)
-                entry.driver = heir
-                heir.wake.set()
+        self._waiting -= 1
+        self._resign(me)
         if not entry.waiters and not entry.done:
+            entry.dropped = True
+            if entry.scope is not None:
+                entry.scope.cancel()  # its poll in flight: cancelled, the answer ignored
             self._settle_probe(entry)
             self._forget(entry)
             self._stats.tasks_abandoned += 1
@@ -540,60 +614,234 @@ class PollScheduler:
             raise TaskFailedError(entry.task_id, result.task.reason, result)
         return result
 
+    # ------------------------------------------------------------------ election
+
+    def _top_waiter(self) -> _Waiter | None:
+        """The waiter with the latest deadline (newest first) whose task is not done."""
+        candidates = self._candidates
+        while candidates:
+            waiter = candidates[0][2]
+            if waiter.active and not waiter.entry.done:
+                return waiter
+            heapq.heappop(candidates)
+        return None
+
+    def _elect(self, me: _Waiter) -> _Waiter | None:
+        """The next driver after ``me``: the latest deadline (newest first), preferring
+        a waiter whose task is not being polled right now (it may be done in a moment).
+        An abdicating ``me`` (still active) needs an heir with a later deadline."""
+        candidates = self._candidates
+        floor = me.deadline if me.active else -math.inf
+        skipped: list[tuple[float, int, _Waiter]] = []
+        heir: _Waiter | None = None
+        while candidates:
+            waiter = candidates[0][2]
+            if not waiter.active or waiter.entry.done:
+                heapq.heappop(candidates)
+            elif waiter.deadline <= floor:
+                break
+            elif waiter.entry.polling and len(skipped) < _MAX_SKIPPED_HEIRS:
+                skipped.append(heapq.heappop(candidates))
+            else:
+                heir = waiter
+                break
+        if heir is None and skipped:
+            heir = skipped[0][2]
+        for item in skipped:
+            heapq.heappush(candidates, item)
+        return heir
+
+    def _resign(self, me: _Waiter) -> None:
+        """If ``me`` drives, elect and wake the next driver (synchronous)."""
+        if self._driver is not me:
+            return
+        self._driver = None
+        self._wake_at = -math.inf  # the heir is not asleep on a timer: kick it for anything
+        heir = self._elect(me)
+        if heir is not None:
+            assert heir is not me
+            self._driver = heir
+            self._stats.handoffs += 1
+            heir.wake.set()
+
     # ------------------------------------------------------------------ driving
 
     async def _drive(self, entry: _Entry, me: _Waiter) -> None:
-        """Poll ``entry`` whenever due, until it is done or ``me`` hands it over."""
-        while not entry.done and entry.driver is me:
-            heir = max(entry.waiters, key=_deadline)
-            if heir.deadline > me.deadline:  # let the longest-lived waiter drive
-                entry.driver = heir
-                heir.wake.set()
-                return
-            due = self._due(entry)
-            if due > anyio.current_time():
-                await self._sleep(entry, due)
-                continue
-            async with self._limiter:
-                if self._due(entry) > anyio.current_time():
-                    continue  # a rate-limit pause began, or the plan moved
-                await self._poll(entry)
+        """Run the tick loop until ``me``'s task is done or ``me`` hands over."""
+        session = _Session()
+        async with anyio.create_task_group() as tg:
+            try:
+                await self._tick_loop(entry, me, session, tg)
+            except BaseException:  # cancelled (deadline, caller): the heir takes over now
+                me.active = False
+                self._resign(me)
+                raise
+            if entry.done:
+                me.active = False
+            self._resign(me)
+            await self._release(session, tg)
 
-    def _due(self, entry: _Entry) -> float:
-        if entry.polls == 0 and entry.plan in ("cold", "learned") and self._learner.warm:
-            # Re-plan a first poll with what was learned since: a cold plan moves
-            # either way, a learned one only later (never polls before its plan).
+    async def _tick_loop(
+        self, entry: _Entry, me: _Waiter, session: _Session, tg: TaskGroup
+    ) -> None:
+        grace = self.policy.handoff_grace
+        while not entry.done and self._driver is me:
+            now = anyio.current_time()
+            soft_deadline = me.deadline - grace
+            if now >= soft_deadline:
+                heir = self._top_waiter()
+                if heir is not None and heir.deadline > me.deadline:
+                    return  # our deadline is near: let a longer-lived waiter drive
+            self._tick(now, session, tg)
+            wake_at = self._next_due()
+            if soft_deadline > now:
+                wake_at = min(wake_at, soft_deadline)
+            if not me.wake.is_set():
+                self._wake_at = wake_at
+                try:
+                    with anyio.CancelScope(deadline=wake_at):
+                        await me.wake.wait()
+                finally:
+                    self._wake_at = -math.inf
+            if me.wake.is_set():
+                me.wake = anyio.Event()
+
+    def _tick(self, now: float, session: _Session, tg: TaskGroup) -> None:
+        """Start one poll for every entry due by ``now + tick_coalesce``."""
+        if now < self._paused_until:
+            return
+        heap = self._heap
+        horizon = now + self.policy.tick_coalesce
+        started = 0
+        while heap and heap[0][0] <= horizon:
+            _, seq, entry = heapq.heappop(heap)
+            if entry.heap_seq != seq:
+                continue  # stale: rescheduled, polling, done or dropped
+            entry.heap_seq = -1
+            if self._replan(entry) > horizon:
+                self._push(entry)
+                continue
+            entry.polling = True
+            session.entries.add(entry)
+            tg.start_soon(self._run_poll, entry, session)
+            started += 1
+        if started:
+            stats = self._stats
+            stats.ticks += 1
+            stats.max_polls_per_tick = max(stats.max_polls_per_tick, started)
+
+    def _replan(self, entry: _Entry) -> float:
+        """Re-plan a first poll with what was learned since; return when it is due.
+
+        A cold plan moves either way, a learned one only later.
+        """
+        if entry.sent == 0 and entry.plan in ("cold", "learned") and self._learner.warm:
             offset = self._learner.first_poll(entry.cost)
             if offset is not None and entry.submitted_at is not None:
                 planned = entry.submitted_at + offset
                 if entry.plan == "cold" or planned > entry.next_at:
                     entry.plan, entry.next_at = "learned", planned
-        return max(entry.next_at, self._paused_until)
+        return entry.next_at
 
-    async def _sleep(self, entry: _Entry, due: float) -> None:
-        if entry.plan == "cold" and entry.polls == 0 and not self._learner.warm:
-            # Nothing learned yet: wake early if the first samples arrive.
-            with anyio.CancelScope(deadline=due):
-                await self._learner.warmed().wait()
-        else:
-            await anyio.sleep_until(due)
+    def _replan_cold(self) -> None:
+        """The learner just got warm: move every cold first poll to its learned time."""
+        for entry in self._entries.values():
+            if entry.plan == "cold" and entry.sent == 0 and not entry.polling:
+                self._replan(entry)
+                self._schedule(entry)
 
-    async def _poll(self, entry: _Entry) -> None:
+    def _next_due(self) -> float:
+        heap = self._heap
+        while heap and heap[0][2].heap_seq != heap[0][1]:
+            heapq.heappop(heap)
+        if not heap:
+            return math.inf
+        return max(heap[0][0], self._paused_until)
+
+    def _push(self, entry: _Entry) -> None:
+        self._seq += 1
+        entry.heap_seq = self._seq
+        heap = self._heap
+        if len(heap) > 64 + 4 * len(self._entries):  # too many stale items: compact
+            heap[:] = [item for item in heap if item[2].heap_seq == item[1]]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (entry.next_at, self._seq, entry))
+
+    def _schedule(self, entry: _Entry) -> None:
+        """(Re)insert a live, idle entry at ``next_at``; wake the driver if that is sooner."""
+        self._push(entry)
+        driver = self._driver
+        if driver is not None and (
+            self._wake_at == -math.inf or max(entry.next_at, self._paused_until) < self._wake_at
+        ):
+            driver.wake.set()
+
+    async def _release(self, session: _Session, tg: TaskGroup) -> None:
+        """After a hand-off: polls not sent yet go to the new driver at once, polls
+        in flight get ``handoff_grace`` to finish, the rest are cancelled."""
+        session.closing = True
+        for entry in list(session.entries):
+            if not entry.fetching and entry.scope is not None:
+                entry.scope.cancel()
+        if session.entries:
+            with anyio.move_on_after(self.policy.handoff_grace):
+                await session.idle.wait()
+        tg.cancel_scope.cancel()
+
+    async def _run_poll(self, entry: _Entry, session: _Session) -> None:
+        """One poll of ``entry`` (a task in the driver's task group)."""
+        scope = entry.scope = anyio.CancelScope()
+        answered = False
+        try:
+            with scope:
+                if entry.live and not session.closing:
+                    async with self._limiter:
+                        if (
+                            entry.live
+                            and not scope.cancel_called
+                            and anyio.current_time() >= self._paused_until
+                        ):
+                            answered = await self._poll(entry)
+        finally:  # synchronous: also runs when the driver's group is cancelled
+            entry.scope, entry.polling, entry.fetching = None, False, False
+            session.discard(entry)
+            if entry.live:
+                if not answered:  # cancelled or paused before an answer: due again now
+                    entry.next_at = min(entry.next_at, anyio.current_time())
+                self._schedule(entry)
+
+    async def _poll(self, entry: _Entry) -> bool:
+        """Send one GET and apply its answer; ``False`` if the entry left meanwhile."""
         stats = self._stats
-        entry.polls += 1
+        entry.fetching = True
+        entry.sent += 1
         stats.polls_total += 1
-        stats.polls_by_task[entry.task_id] = entry.polls
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         sent = anyio.current_time()
         try:
             result = await self._fetch(entry.task_id)
         except Exception as exc:  # cancellation is a BaseException: never caught here
+            if not entry.live:
+                return False
+            self._answered(entry)
             self._on_error(entry, exc)
-            return
+            return True
+        except BaseException:
+            stats.polls_cancelled += 1
+            raise
         finally:
             stats.in_flight -= 1
+            entry.fetching = False
+        if not entry.live:
+            return False  # every waiter left while it was in flight: ignore the answer
+        self._answered(entry)
         self._on_result(entry, result, sent)
+        return True
+
+    def _answered(self, entry: _Entry) -> None:
+        entry.polls += 1
+        self._stats.polls_by_task[entry.task_id] = entry.polls
 
     # ------------------------------------------------------------------ outcomes
 
@@ -691,7 +939,8 @@ class PollScheduler:
 
     def _sample(self, entry: _Entry, seconds: float) -> None:
         entry.sampled = True
-        self._learner.add(seconds, entry.cost, self._stats)
+        if self._learner.add(seconds, entry.cost, self._stats):
+            self._replan_cold()
 
     def _settle_probe(self, entry: _Entry) -> None:
         if entry.plan == "probe":
@@ -717,6 +966,7 @@ class PollScheduler:
             waiter.wake.set()
 
     def _forget(self, entry: _Entry) -> None:
+        entry.heap_seq = -1  # its heap items are stale now
         if self._entries.get(entry.task_id) is entry:
             del self._entries[entry.task_id]
             self._stats.polls_by_task.pop(entry.task_id, None)

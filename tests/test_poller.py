@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 import httpx
 import pytest
@@ -688,6 +689,388 @@ class TestVirtualTime:
         assert sched.stats.tasks_errored == 1
 
 
+# --------------------------------------------------------------------------- tick model
+
+
+class DriverProbe:
+    """Counts concurrent tick loops and checks 'waiters exist => a driver exists'."""
+
+    def __init__(self, sched: PollScheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sched = sched
+        self.active = 0
+        self.peak = 0
+        self.loops = 0
+        self.violations: list[float] = []
+        original = sched._tick_loop
+
+        async def tick_loop(*args: Any) -> None:
+            self.active += 1
+            self.loops += 1
+            self.peak = max(self.peak, self.active)
+            assert sched._driver is args[1]  # only the elected driver ticks
+            try:
+                await original(*args)
+            finally:
+                self.active -= 1
+
+        monkeypatch.setattr(sched, "_tick_loop", tick_loop)
+
+    def check(self) -> None:
+        sched = self.sched
+        driver = sched._driver
+        if sched.tracked and (driver is None or not driver.active):
+            self.violations.append(anyio.current_time())
+        if driver is not None and driver not in driver.entry.waiters:
+            self.violations.append(anyio.current_time())
+
+    async def watch(self, period: float = 0.005) -> None:
+        while True:
+            self.check()
+            await anyio.sleep(period)
+
+
+async def joined(sched: PollScheduler, tracked: int = 1) -> None:
+    """Let the waiters started so far register (trio shuffles who runs first)."""
+    while sched.tracked < tracked:
+        await anyio.lowlevel.checkpoint()
+
+
+class TestTickModel:
+    @pytest.fixture
+    def anyio_backend(self) -> tuple[str, dict[str, Any]]:
+        return "trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}
+
+    @pytest.mark.anyio
+    async def test_every_due_task_is_polled_in_one_tick(self) -> None:
+        server = FakeServer(latency=0.01)
+        sched = scheduler(server, limit=8)
+        server.add("driver", 100.0)
+        for i in range(200):
+            server.add(f"t{i}", 1.0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sched.wait, "driver")  # outlives the others: no hand-off
+            await joined(sched)
+            async with anyio.create_task_group() as waiters:
+                for i in range(200):
+                    waiters.start_soon(sched.wait, f"t{i}")
+                await anyio.sleep(0.5)
+                assert sched.stats.polls_total == 201  # every task polled once
+                ticks = sched.stats.ticks
+            # all due again at eta + margin = 1.05: ONE tick starts their 200 polls
+            assert sched.stats.ticks == ticks + 1
+            tg.cancel_scope.cancel()
+        stats = sched.stats
+        assert stats.max_polls_per_tick == 200
+        assert stats.polls_total == 401
+        assert server.max_in_flight == 8  # concurrent, capped by the limiter
+        assert stats.max_in_flight == 8
+        assert stats.tasks_succeeded == 200
+        assert stats.handoffs == 0
+        assert server.cancelled == 0
+        assert {server.polls(f"t{i}") for i in range(200)} == {2}
+
+    @pytest.mark.anyio
+    async def test_tasks_due_within_the_coalesce_window_share_a_tick(self) -> None:
+        async def run(coalesce: float) -> int:
+            server = FakeServer()
+            sched = scheduler(server, tick_coalesce=coalesce, eta_margin=0.05)
+            server.add("driver", 100.0)
+            for i in range(10):
+                server.add(f"t{i}", 1.0 + 0.001 * i)  # due 1 ms apart
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sched.wait, "driver")
+                await joined(sched)
+                async with anyio.create_task_group() as waiters:
+                    for i in range(10):
+                        waiters.start_soon(sched.wait, f"t{i}")
+                    await anyio.sleep(0.5)
+                    ticks = sched.stats.ticks
+                assert sched.stats.polls_total == 21
+                tg.cancel_scope.cancel()
+            return sched.stats.ticks - ticks
+
+        assert await run(0.02) == 1
+        assert await run(0.0) == 10
+
+    @pytest.mark.anyio
+    async def test_one_driver_for_all_tasks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        server = FakeServer(latency=0.01)
+        sched = scheduler(server)
+        probe = DriverProbe(sched, monkeypatch)
+        durations = [3.0, 1.0, 2.0, 0.5, 2.5]
+        for i, duration in enumerate(durations):
+            server.add(f"t{i}", duration)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe.watch)
+            async with anyio.create_task_group() as waiters:
+                waiters.start_soon(sched.wait, "t0")
+                await joined(sched)
+                for i in range(1, len(durations)):
+                    waiters.start_soon(sched.wait, f"t{i}")
+            tg.cancel_scope.cancel()
+        assert probe.peak == 1
+        assert probe.violations == []
+        # the first waiter (t0, the slowest) drove every task: no hand-off needed
+        assert probe.loops == 1
+        assert sched.stats.handoffs == 0
+        assert sched._driver is None
+
+    @pytest.mark.anyio
+    async def test_driver_cancelled_mid_tick_hands_over_its_polls(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        server = FakeServer(latency=0.5)
+        sched = scheduler(server, limit=100)
+        probe = DriverProbe(sched, monkeypatch)
+        for i in range(50):
+            server.add(f"t{i}", 2.0)
+        server.add("driver", 10.0)
+        delivered: dict[str, float] = {}
+
+        async def one(task_id: str) -> None:
+            await sched.wait(task_id)
+            delivered[task_id] = anyio.current_time()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe.watch)
+            async with anyio.create_task_group() as waiters:
+                with anyio.move_on_after(0.2):  # 51 polls in flight at that moment
+                    async with anyio.create_task_group() as driver_scope:
+                        driver_scope.start_soon(sched.wait, "driver")
+                        await anyio.sleep(0.1)
+                        for i in range(50):
+                            waiters.start_soon(one, f"t{i}")
+            tg.cancel_scope.cancel()
+        assert server.cancelled == 51  # the driver's group was cancelled ...
+        assert sched.stats.polls_cancelled == 51
+        assert sched.stats.handoffs == 1
+        for i in range(50):  # ... and the heir re-polled them at once
+            times = server.times(f"t{i}")
+            assert times[:2] == pytest.approx([0.1, 0.2])
+            assert delivered[f"t{i}"] <= 2.6
+        assert server.polls("driver") == 1  # dropped with its only waiter
+        assert probe.peak == 1
+        assert probe.violations == []
+        assert sched.tracked == 0
+        assert sched.stats.in_flight == 0
+
+    @pytest.mark.anyio
+    async def test_driver_deadline_mid_poll_hands_over(self) -> None:
+        server = FakeServer(latency=0.5)
+        sched = scheduler(server, eta_margin=0.0)
+        server.add("t", 3.0)
+        outcomes: dict[str, Any] = {}
+
+        async def waiter(name: str, delay: float, timeout: float | None) -> None:
+            await anyio.sleep(delay)
+            try:
+                outcomes[name] = await sched.wait("t", timeout=timeout)
+            except TaskTimeoutError as exc:
+                outcomes[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, "driver", 0.0, 0.3)
+            tg.start_soon(waiter, "late", 0.1, None)  # joins after the soft deadline
+        assert isinstance(outcomes["driver"], TaskTimeoutError)
+        assert outcomes["driver"].last_result is None
+        assert outcomes["late"].status is TaskStatus.SUCCEED
+        # the poll sent at 0 (in flight until 0.5) is cancelled by the driver's
+        # deadline at 0.3; the heir repeats it at once, then follows the eta
+        assert server.times("t") == pytest.approx([0.0, 0.3, 3.0])
+        assert server.cancelled == 1
+        assert sched.stats.polls_cancelled == 1
+        assert sched.stats.handoffs == 1
+
+    @pytest.mark.anyio
+    async def test_near_deadline_driver_hands_over_gracefully(self) -> None:
+        server = FakeServer(latency=0.1)
+        sched = scheduler(server, handoff_grace=0.25)
+        for i in range(20):
+            server.add(f"t{i}", 2.0)
+        server.add("short", 100.0)
+        got: list[Any] = []
+
+        async def one(task_id: str, timeout: float | None) -> None:
+            try:
+                got.append(await sched.wait(task_id, timeout=timeout))
+            except TaskTimeoutError as exc:
+                got.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "short", 1.0)  # the first driver
+            await joined(sched)
+            for i in range(20):
+                tg.start_soon(one, f"t{i}", None)
+        assert sum(isinstance(g, TaskTimeoutError) for g in got) == 1
+        assert sum(isinstance(g, TaskResult) for g in got) == 20
+        assert server.cancelled == 0  # handed over at 0.75 s, nothing in flight lost
+        assert sched.stats.handoffs >= 1
+
+    @pytest.mark.anyio
+    async def test_driver_done_while_500_others_wait(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        server = FakeServer(latency=0.02)
+        sched = scheduler(server, limit=16)
+        probe = DriverProbe(sched, monkeypatch)
+        rng = random.Random(7)
+        server.add("driver", 0.5)
+        delivered: dict[str, float] = {}
+
+        async def one(task_id: str) -> None:
+            await sched.wait(task_id)
+            delivered[task_id] = anyio.current_time()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe.watch)
+            async with anyio.create_task_group() as waiters:
+                waiters.start_soon(one, "driver")
+                await joined(sched)
+                for i in range(500):
+                    server.add(f"t{i}", rng.uniform(1.0, 3.0))
+                    waiters.start_soon(one, f"t{i}")
+            tg.cancel_scope.cancel()
+        assert len(delivered) == 501
+        assert sched.stats.tasks_succeeded == 501
+        assert sched.stats.handoffs >= 1
+        assert probe.peak == 1
+        assert probe.violations == []
+        # nobody starved: every task delivered soon after it finished
+        lags = [delivered[t] - server.completed_at(t) for t in delivered]
+        assert min(lags) >= 0
+        assert max(lags) <= 0.5
+        assert sched.tracked == 0
+        assert sched._driver is None
+        assert sched.stats.in_flight == 0
+
+    @pytest.mark.anyio
+    async def test_hand_off_grace_lets_fast_polls_finish(self) -> None:
+        server = FakeServer(latency=0.1)
+        sched = scheduler(server, handoff_grace=0.25, eta_margin=0.0, limit=50)
+        server.add("driver", 1.0)
+        for i in range(30):
+            server.add(f"t{i}", 1.0 + 0.1 * (i % 2))  # polls in flight when the driver finishes
+        returned: dict[str, float] = {}
+
+        async def one(task_id: str) -> None:
+            await sched.wait(task_id)
+            returned[task_id] = anyio.current_time()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "driver")
+            await joined(sched)
+            for i in range(30):
+                tg.start_soon(one, f"t{i}")
+        assert server.cancelled == 0
+        assert sched.stats.polls_cancelled == 0
+        assert sched.stats.handoffs == 1
+        assert returned["driver"] <= 1.1 + 0.25
+
+    @pytest.mark.anyio
+    async def test_hand_off_grace_cancels_slow_polls(self) -> None:
+        server = FakeServer(latency=1.0)
+        sched = scheduler(server, handoff_grace=0.25, eta_margin=0.0, limit=50)
+        server.add("driver", 0.0)  # done at its first answer (t = 1.0)
+        for i in range(10):
+            server.add(f"t{i}", 0.0)
+        got: list[TaskResult] = []
+
+        async def one(task_id: str) -> None:
+            got.append(await sched.wait(task_id))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "driver")
+            await anyio.sleep(0.5)  # the others' polls are in flight at 1.0 (until 1.5)
+            for i in range(10):
+                tg.start_soon(one, f"t{i}")
+        assert len(got) == 11
+        assert server.cancelled == 10  # cut after the grace: 1.25
+        assert sched.stats.polls_cancelled == 10
+        for i in range(10):  # the heir repeated them at once, no answer lost
+            assert server.times(f"t{i}") == pytest.approx([0.5, 1.25])
+        assert sched.stats.polls_total == 21
+        assert sched.stats.poll_histogram == {1: 11}  # cancelled polls are not answers
+
+    @pytest.mark.anyio
+    async def test_last_waiter_leaving_mid_poll_drops_the_entry(self) -> None:
+        server = FakeServer(latency=1.0)
+        sched = scheduler(server)
+        server.add("keep", 5.0)
+        server.add("drop", 0.0)  # its answer would say SUCCEED
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sched.wait, "keep")  # the driver
+            await anyio.sleep(0.1)
+            with pytest.raises(TaskTimeoutError):
+                await sched.wait("drop", timeout=0.3)
+            assert sched.tracked == 1
+            assert "drop" not in sched.stats.polls_by_task
+        assert server.polls("drop") == 1
+        assert server.cancelled == 1  # its poll in flight was cancelled at once
+        assert sched.stats.tasks_abandoned == 1
+        assert sched.stats.tasks_succeeded == 1
+
+    @pytest.mark.anyio
+    async def test_answer_after_the_entry_left_is_ignored(self) -> None:
+        server = FakeServer(latency=1.0)
+
+        async def stubborn(task_id: str) -> TaskResult:
+            with anyio.CancelScope(shield=True):  # answers despite the cancellation
+                return await server.fetch(task_id)
+
+        sched = PollScheduler(stubborn, max_concurrent_polls=4, policy=PollPolicy())
+        server.add("keep", 5.0)
+        server.add("drop", 0.0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sched.wait, "keep")
+            await anyio.sleep(0.1)
+            with pytest.raises(TaskTimeoutError):
+                await sched.wait("drop", timeout=0.3)
+            await anyio.sleep(2.0)  # the answer (SUCCEED) arrived meanwhile
+            assert sched.stats.tasks_succeeded == 0
+            assert sched.stats.poll_histogram == {}
+            assert "drop" not in sched.stats.polls_by_task
+        assert server.polls("drop") == 1
+        assert sched.stats.tasks_succeeded == 1  # "keep" only
+
+    @pytest.mark.anyio
+    async def test_random_churn_keeps_one_driver(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        server = FakeServer(latency=0.05)
+        sched = scheduler(server, limit=8)
+        probe = DriverProbe(sched, monkeypatch)
+        rng = random.Random(11)
+        outcomes: Counter[str] = Counter()
+
+        async def one(i: int) -> None:
+            await anyio.sleep(rng.uniform(0, 2))
+            task_id = f"t{rng.randrange(120)}"
+            if task_id not in server.tasks:
+                server.add(task_id, rng.uniform(0.2, 3.0))
+            timeout = rng.choice([None, None, 0.5, 1.0, 2.0])
+            with anyio.move_on_after(rng.choice([0.3, 1.5, 100.0])):
+                try:
+                    await sched.wait(task_id, timeout=timeout)
+                    outcomes["ok"] += 1
+                    return
+                except TaskTimeoutError:
+                    outcomes["timeout"] += 1
+                    return
+            outcomes["cancelled"] += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe.watch, 0.001)
+            async with anyio.create_task_group() as waiters:
+                for i in range(300):
+                    waiters.start_soon(one, i)
+            tg.cancel_scope.cancel()
+        assert sum(outcomes.values()) == 300
+        assert min(outcomes["ok"], outcomes["timeout"], outcomes["cancelled"]) > 10
+        assert probe.peak == 1
+        assert probe.violations == []
+        assert sched.stats.handoffs >= 3
+        assert server.max_in_flight_per_task == 1
+        assert sched.tracked == 0
+        assert sched._driver is None
+        assert sched.stats.in_flight == 0
+
+
 # --------------------------------------------------------------------------- both backends
 
 
@@ -801,3 +1184,33 @@ def test_policy_validation() -> None:
     assert PollPolicy(latency_budget=None).latency_budget is None
     with pytest.raises(ValueError):
         PollScheduler(FakeServer().fetch, max_concurrent_polls=0, policy=PollPolicy())
+
+
+@pytest.mark.anyio
+async def test_a_thousand_waiters_leave_no_task_behind(anyio_backend: str) -> None:
+    server = FakeServer(latency=0.001)
+    sched = scheduler(server, limit=16, min_interval=0.0, eta_margin=0.01)
+    rng = random.Random(3)
+    for i in range(1000):
+        server.add(f"t{i}", rng.uniform(0.05, 0.3))
+    results: list[TaskResult] = []
+    before = asyncio.all_tasks() if anyio_backend == "asyncio" else set()
+
+    async def one(task_id: str) -> None:
+        results.append(await sched.wait(task_id, timeout=30))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(1000):
+            tg.start_soon(one, f"t{i}")
+    assert len(results) == 1000
+    assert all(server.polls(f"t{i}") >= 1 for i in range(1000))
+    assert sched.stats.tasks_succeeded == 1000
+    assert sched.stats.max_polls_per_tick > 100  # the first tick served the whole wave
+    assert sched.stats.ticks < sched.stats.polls_total
+    assert server.max_in_flight <= 16
+    assert sched.tracked == 0
+    assert sched._driver is None
+    if anyio_backend == "asyncio":
+        assert asyncio.all_tasks() == before  # no poll task outlived its driver
+    else:
+        assert trio.lowlevel.current_task().child_nurseries == []
