@@ -52,7 +52,7 @@ from ._models import (
     WebhookEvent,
     WebhookTestMode,
 )
-from ._poller import PollPolicy
+from ._poller import PollPolicy, PollStats
 from ._ratelimit import WeightedRateLimiter
 from ._transport import RetryPolicy
 from ._version import __version__
@@ -96,6 +96,7 @@ __all__ = [
     "NsfwDetectionResult",
     "PermissionDeniedError",
     "PollPolicy",
+    "PollStats",
     "RateLimitError",
     "Refiner",
     "ResultExtra",
