@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -11,50 +13,88 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 
-from ._convert import request_body, submit_task_id, task_result
-from ._download import DEFAULT_MAX_IMAGE_BYTES
-from ._errors import (
-    InvalidRequestError,
-    NovitaError,
-    SubmissionUncertainError,
+from ._batch import (
+    DEFAULT_CONCURRENT_SUBMISSIONS,
+    BatchItem,
+    BatchRun,
+    _Engine,
+    check_requests,
+    make_limiter,
 )
+from ._convert import task_result
+from ._download import DEFAULT_MAX_IMAGE_BYTES
+from ._errors import InvalidRequestError, MalformedResponseError, NovitaError
+from ._host import HostState, TaskHost
 from ._models import Extra, Image, Model, TaskResult, Txt2ImgRequest
 from ._poller import PollHint, PollPolicy, PollScheduler
-from ._transport import DEFAULT_TIMEOUT, RetryPolicy, Transport, Uncertain
+from ._submit import RateLimiter, Submitter
+from ._transport import NOT_GIVEN, NotGiven, RetryPolicy, Transport
 
 if TYPE_CHECKING:
-    from ._batch import BatchItem, BatchRun
-    from ._journal import Journal
-    from ._ratelimit import WeightedRateLimiter
+    from ._journal import AsyncJournal, Journal
 
 __all__ = ["AsyncNovita"]
 
+logger = logging.getLogger("novita_async")
+
 DEFAULT_BASE_URL = "https://api.novita.ai"
-TXT2IMG_PATH = "/v3/async/txt2img"
 TASK_RESULT_PATH = "/v3/async/task-result"
 
+_NOT_ENTERED = (
+    "{what} needs the client's background task group: use `async with AsyncNovita() as "
+    "client:` (in FastAPI, enter it in the app's lifespan; in aiohttp, in cleanup_ctx; in "
+    "pytest, in an async fixture), or call `await client.__aenter__()` / `aclose()` yourself"
+)
 
-def check_submission(request: Txt2ImgRequest, extra: Extra | None) -> None:
-    """Type and cross-field checks that no single model can make alone."""
-    if not isinstance(request, Txt2ImgRequest):
-        raise InvalidRequestError(f"request must be a Txt2ImgRequest, got {type(request).__name__}")
-    if extra is not None and not isinstance(extra, Extra):
-        raise InvalidRequestError(f"extra must be an Extra, got {type(extra).__name__}")
-    if request.enable_transparent_background and (
-        extra is None or extra.response_image_type != "png"
-    ):
-        raise InvalidRequestError(
-            "enable_transparent_background needs Extra(response_image_type='png')"
-        )
+
+def _answer_for(task_id: str) -> Any:
+    """A parser of task-result answers that rejects an answer about another task."""
+
+    def parse(data: Any) -> TaskResult:
+        result = task_result(data)
+        if result.task.task_id != task_id:
+            raise MalformedResponseError(
+                f"task-result for {task_id!r} answered about task {result.task.task_id!r}"
+            )
+        return result
+
+    return parse
 
 
 class AsyncNovita:
     """Async client for Novita's v3 async image API.
 
-    One instance is meant to be shared (e.g. across FastAPI requests): it holds
-    the connection pool and the ONE polling scheduler that serves every
-    :meth:`wait`. Use it as ``async with AsyncNovita() as client`` or call
-    :meth:`aclose` yourself.
+    One instance is meant to be shared (e.g. by every request of a FastAPI
+    app): it holds the connection pool, the ONE polling scheduler that serves
+    every :meth:`wait`, and a task group for its background work. Enter it:
+    ``async with AsyncNovita() as client: ...``. :meth:`submit_txt2img`,
+    :meth:`get_task_result`, downloads and :meth:`list_models` also work on a
+    client that was never entered; :meth:`wait`, :meth:`txt2img` and
+    :meth:`txt2img_many` need it entered.
+
+    Parameters (all keyword-only but ``api_key``):
+
+    * ``api_key``: Novita API key; default ``$NOVITA_API_KEY``. Sent only to
+      ``base_url``'s origin, never logged or shown in a repr.
+    * ``base_url``: the API origin (default ``https://api.novita.ai``); point
+      it at the built-in emulator or a proxy.
+    * ``timeout``: the **HTTP timeout of each request** (seconds, an
+      ``httpx.Timeout``, or ``None`` for none), as in httpx. Not given: 60 s
+      (10 s to connect), or your ``http_client``'s own. The overall deadline
+      of a result is the ``timeout`` argument of :meth:`wait`,
+      :meth:`txt2img` and :meth:`txt2img_many` instead.
+    * ``max_retries``: retries of a transient failure (``RetryPolicy.max_retries``).
+    * ``retry_policy``: full control of backoff (overrides ``max_retries``).
+    * ``http_client``: your own ``httpx.AsyncClient`` (not closed by
+      :meth:`aclose`); ``transport``: an httpx transport for the client this
+      one creates (e.g. the emulator's). Pass at most one of the two.
+    * ``max_connections``: size of the connection pool (default 64).
+    * ``max_concurrent_polls``: task-result GETs in flight at once (default 16).
+    * ``poll_policy``: :class:`PollPolicy`, when to poll (eta, learning, backoff).
+    * ``rate_limiter``: a :class:`WeightedRateLimiter` (or anything with its
+      interface, e.g. a Redis-shared one) that paces EVERY submission of this
+      client, so many single :meth:`txt2img` calls stay inside the account's
+      images-per-minute quota too. Default: unpaced.
     """
 
     def __init__(
@@ -62,7 +102,7 @@ class AsyncNovita:
         api_key: str | None = None,
         *,
         base_url: str = DEFAULT_BASE_URL,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        timeout: float | httpx.Timeout | NotGiven | None = NOT_GIVEN,
         max_retries: int = 3,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -70,6 +110,7 @@ class AsyncNovita:
         max_concurrent_polls: int = 16,
         retry_policy: RetryPolicy | None = None,
         poll_policy: PollPolicy | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         api_key = api_key if api_key is not None else os.environ.get("NOVITA_API_KEY")
         if not api_key:
@@ -80,6 +121,8 @@ class AsyncNovita:
             raise ValueError("max_concurrent_polls and max_connections must be >= 1")
         if max_concurrent_polls > max_connections:
             raise ValueError("max_concurrent_polls cannot exceed max_connections")
+        if rate_limiter is not None and not callable(getattr(rate_limiter, "acquire", None)):
+            raise TypeError("rate_limiter must be a WeightedRateLimiter or have its interface")
         retry = retry_policy if retry_policy is not None else RetryPolicy(max_retries=max_retries)
         self._transport = Transport(
             api_key=api_key,
@@ -90,12 +133,13 @@ class AsyncNovita:
             transport=transport,
             max_connections=max_connections,
         )
+        self._submitter = Submitter(self._transport, rate_limiter=rate_limiter)
         self._scheduler = PollScheduler(
             self.get_task_result,
             max_concurrent_polls=max_concurrent_polls,
             policy=poll_policy if poll_policy is not None else PollPolicy(),
         )
-        self._closed = False
+        self._host = TaskHost(self._scheduler.run)
 
     def __repr__(self) -> str:
         return f"AsyncNovita(base_url={str(self._transport.base_url).rstrip('/')!r})"
@@ -103,6 +147,7 @@ class AsyncNovita:
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> AsyncNovita:
+        await self._host.start()
         return self
 
     async def __aexit__(
@@ -114,16 +159,19 @@ class AsyncNovita:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool (if this client created it). Idempotent."""
-        if self._closed:
+        """Stop all background work (pending waits end with an error), then close the
+        connection pool if this client created it. Idempotent."""
+        if self._host.state is HostState.CLOSED:
             return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            await self._transport.aclose()
+        try:
+            await self._host.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._transport.aclose()
 
     @property
     def is_closed(self) -> bool:
-        return self._closed
+        return self._host.state is HostState.CLOSED
 
     @property
     def max_connections(self) -> int:
@@ -134,68 +182,52 @@ class AsyncNovita:
         """The client's shared polling scheduler (its ``stats`` count polls)."""
         return self._scheduler
 
+    @property
+    def rate_limiter(self) -> RateLimiter | None:
+        """The limiter that paces every submission of this client (None: unpaced)."""
+        return self._submitter.rate_limiter
+
     def _check_open(self) -> None:
-        if self._closed:
+        if self._host.state is HostState.CLOSED:
             raise RuntimeError("this AsyncNovita client is closed")
+
+    def _check_running(self, what: str) -> None:
+        self._check_open()
+        if not self._host.open:
+            raise RuntimeError(_NOT_ENTERED.format(what=what))
 
     # ----------------------------------------------------------------- core API
 
     async def submit_txt2img(self, request: Txt2ImgRequest, extra: Extra | None = None) -> str:
-        """Create a txt2img task and return its task_id.
+        """Create a txt2img task and return its task_id (paced by ``rate_limiter``).
 
         Never silently resubmits: if the POST may have created a task but gave
         no usable answer, :class:`SubmissionUncertainError` is raised.
         """
-        return await self._submit(request, extra, retry_429=True)
-
-    async def _submit(
-        self,
-        request: Txt2ImgRequest,
-        extra: Extra | None,
-        *,
-        retry_429: bool,
-        max_retries: int | None = None,
-    ) -> str:
-        check_submission(request, extra)
         self._check_open()
-        body = request_body(request, extra)
-        try:
-            task_id: str = await self._transport.post_submission(
-                TXT2IMG_PATH,
-                body,
-                retry_429=retry_429,
-                parse=submit_task_id,
-                max_retries=max_retries,
-            )
-            return task_id
-        except Uncertain as exc:  # envelope errors arrive as APIStatusError subclasses
-            cause: BaseException = exc.cause
-        raise SubmissionUncertainError(
-            f"txt2img submission outcome unknown ({cause}); a task may have been created "
-            "and billed, so it was not retried",
-            request=request,
-            extra=extra,
-            cause=cause,
-        ) from cause
+        return await self._submitter.submit(request, extra)
 
     async def get_task_result(self, task_id: str) -> TaskResult:
-        """One ``GET /v3/async/task-result`` (retried on transient failures)."""
+        """One ``GET /v3/async/task-result`` (retried on transient failures; an answer
+        about another task counts as malformed)."""
         if not isinstance(task_id, str) or not task_id:
             raise InvalidRequestError(f"task_id must be a non-empty str, got {task_id!r}")
         self._check_open()
         return await self._transport.get(
-            TASK_RESULT_PATH, params={"task_id": task_id}, parse=task_result
+            TASK_RESULT_PATH, params={"task_id": task_id}, parse=_answer_for(task_id)
         )
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
         """Wait until the task finishes, sharing polls with every other waiter.
 
+        ``timeout``: the overall deadline in seconds for the result (as in
+        ``asyncio.wait_for``; ``None``: no deadline), not the HTTP timeout.
         Raises :class:`TaskFailedError` on FAILED and :class:`TaskTimeoutError`
-        after ``timeout`` seconds (polling of the task stops at once).
+        after ``timeout`` (polling of the task stops at once).
         """
         if not isinstance(task_id, str) or not task_id:
             raise InvalidRequestError(f"task_id must be a non-empty str, got {task_id!r}")
-        self._check_open()
+        self._check_running("AsyncNovita.wait")
         return await self._scheduler.wait(task_id, timeout=timeout)
 
     async def txt2img(
@@ -204,11 +236,17 @@ class AsyncNovita:
         extra: Extra | None = None,
         timeout: float | None = None,
     ) -> TaskResult:
-        """Submit and wait; ``timeout`` bounds the wait for the result."""
+        """Submit and wait. ``timeout``: the deadline in seconds for the result, counted
+        from submission (not the HTTP timeout)."""
+        self._check_running("AsyncNovita.txt2img")
         submitted_at = anyio.current_time()
-        task_id = await self.submit_txt2img(request, extra)
+        task_id = await self._submitter.submit(request, extra)
         hint = PollHint(submitted_at=submitted_at, cost=request.cost)
-        return await self._scheduler.wait(task_id, timeout=timeout, hint=hint)
+        try:
+            return await self._scheduler.wait(task_id, timeout=timeout, hint=hint)
+        except anyio.get_cancelled_exc_class():
+            logger.info("txt2img cancelled while waiting; task %s runs on and is billed", task_id)
+            raise
 
     def txt2img_many(
         self,
@@ -217,50 +255,91 @@ class AsyncNovita:
         timeout: float | None = None,
         *,
         max_concurrent_submissions: int | None = None,
-        images_per_minute: float | WeightedRateLimiter | None = None,
-        journal: str | os.PathLike[str] | Journal | None = None,
+        images_per_minute: float | RateLimiter | None = None,
+        journal: str | os.PathLike[str] | Journal | AsyncJournal | None = None,
         resubmit_uncertain: bool = False,
     ) -> BatchRun:
         """Fan out ``requests``; iterate the returned run for items as they finish.
 
         Each item has ``.index``, ``.request``, ``.task_id``, ``.result`` and
-        ``.error``: one failed prompt is an item, not an exception. Submissions
-        are paced by image weight (``images_per_minute``, or a shared
-        :class:`WeightedRateLimiter`; Novita's default quota is 20; ``None``:
-        unpaced until the first 429) and slow down on 429s. At most
-        ``max_concurrent_submissions`` POSTs are in flight (default 8, lowered to
-        fit ``max_connections - max_concurrent_polls``). Use it as
-        ``async with client.txt2img_many(...) as run: async for item in run``
-        (full concurrency) or iterate it bare; leaving the loop cancels pending
-        work and no request is sent afterwards. ``timeout`` bounds each task's
-        wait for its result. ``journal`` (a sqlite path) makes the batch
-        resumable; ``resubmit_uncertain`` resends prompts whose earlier POST may
-        have created a task.
-        """
-        from ._batch import BatchRun
+        ``.error``: one failed prompt is an item, not an exception. A request of
+        the wrong type raises ``TypeError`` here (for a list or tuple; for a
+        lazy iterable, when the run reaches it).
 
-        self._check_open()
-        return BatchRun(
-            self,
-            requests,
+        * ``timeout``: the deadline in seconds of each task's result, from its
+          submission (not the HTTP timeout).
+        * ``images_per_minute``: pacing by image weight for this run (a number,
+          or a shared :class:`WeightedRateLimiter`); Novita's default quota is
+          20. ``None``: the client's ``rate_limiter`` alone, or, without one,
+          unpaced until Novita's first 429, then adapting.
+        * ``max_concurrent_submissions``: POSTs in flight (default 8, lowered to
+          fit ``max_connections - max_concurrent_polls``).
+        * ``journal``: a sqlite path (or :class:`Journal`, or an async journal
+          such as ``novita_async.redis.RedisJournal``) that makes the batch
+          resumable; ``resubmit_uncertain`` resends prompts whose earlier POST
+          may have created a task.
+
+        Iterate it bare (``async for item in client.txt2img_many(...)``) or in
+        ``async with client.txt2img_many(...) as run``; both run at full
+        concurrency. Leaving the loop stops new POSTs (see :class:`BatchRun`).
+        """
+        self._check_running("AsyncNovita.txt2img_many")
+        check_requests(requests)
+        if extra is not None and not isinstance(extra, Extra):
+            raise InvalidRequestError(f"extra must be an Extra, got {type(extra).__name__}")
+        if timeout is not None and not (timeout > 0 and not math.isnan(timeout)):
+            raise ValueError(f"timeout must be None or > 0, got {timeout!r}")
+        polls = self._scheduler.max_concurrent_polls
+        room = self.max_connections - polls
+        if max_concurrent_submissions is None:
+            workers = max(1, min(DEFAULT_CONCURRENT_SUBMISSIONS, room))
+        else:
+            workers = max_concurrent_submissions
+            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+                raise ValueError(f"max_concurrent_submissions must be an int >= 1, got {workers!r}")
+            if workers > room:
+                raise ValueError(
+                    f"max_concurrent_submissions={workers} plus the client's "
+                    f"max_concurrent_polls={polls} exceeds its max_connections="
+                    f"{self.max_connections}; raise max_connections or lower one of them"
+                )
+        engine = _Engine(
+            submitter=self._submitter,
+            scheduler=self._scheduler,
+            requests=requests,
             extra=extra,
             timeout=timeout,
-            max_concurrent_submissions=max_concurrent_submissions,
-            images_per_minute=images_per_minute,
+            workers=workers,
+            limiter=make_limiter(images_per_minute, self._submitter.rate_limiter),
             journal=journal,
             resubmit_uncertain=resubmit_uncertain,
         )
+        return BatchRun(engine, self._host.start_soon)
 
     async def txt2img_all(
         self,
         requests: Iterable[Txt2ImgRequest],
         extra: Extra | None = None,
         timeout: float | None = None,
-        **options: Any,
+        *,
+        max_concurrent_submissions: int | None = None,
+        images_per_minute: float | RateLimiter | None = None,
+        journal: str | os.PathLike[str] | Journal | AsyncJournal | None = None,
+        resubmit_uncertain: bool = False,
     ) -> list[BatchItem]:
-        """Like :meth:`txt2img_many`, but returns every item, in request order."""
+        """Like :meth:`txt2img_many` (same arguments), but returns every item, in
+        request order."""
         items: list[BatchItem] = []
-        async with self.txt2img_many(requests, extra, timeout, **options) as run:
+        run = self.txt2img_many(
+            requests,
+            extra,
+            timeout,
+            max_concurrent_submissions=max_concurrent_submissions,
+            images_per_minute=images_per_minute,
+            journal=journal,
+            resubmit_uncertain=resubmit_uncertain,
+        )
+        async with run:
             async for item in run:
                 items.append(item)
         items.sort(key=lambda item: item.index)

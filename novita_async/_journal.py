@@ -29,6 +29,7 @@ inspect a journal at any time, also while a batch is writing it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,8 +41,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, Protocol, cast, get_args
 
+import anyio
+import anyio.to_thread
 import attrs
 
 from ._convert import converter, request_body, task_result
@@ -49,11 +52,15 @@ from ._errors import NovitaError
 from ._models import Extra, TaskResult, Txt2ImgRequest
 
 __all__ = [
+    "AsyncJournal",
     "Journal",
     "JournalError",
     "JournalMismatchError",
     "JournalRecord",
     "JournalState",
+    "Replay",
+    "as_async_journal",
+    "replay",
     "request_key",
 ]
 
@@ -449,3 +456,111 @@ def _acquire_lock(path: Path) -> int:
             "two writers could submit the same prompt twice"
         ) from exc
     return fd
+
+
+# --------------------------------------------------------------------------- engine side
+
+
+class AsyncJournal(Protocol):
+    """What the batch engine calls: the :class:`Journal` contract, async."""
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]: ...
+
+    async def mark_submitting(self, index: int) -> None: ...
+
+    async def mark_submitted(self, index: int, task_id: str) -> None: ...
+
+    async def mark_uncertain(self, index: int, message: str) -> None: ...
+
+    async def mark_rejected(self, index: int, message: str) -> None: ...
+
+    async def mark_finished(
+        self, index: int, *, result: TaskResult | None, error: str | None
+    ) -> None: ...
+
+
+class _ThreadedJournal:
+    """A sqlite :class:`Journal` for the engine: each call in a worker thread, shielded
+    (each write is a commit + fsync; it always completes, a cancellation lands after)."""
+
+    def __init__(self, spec: str | os.PathLike[str] | Journal) -> None:
+        self._spec = spec
+        self._journal: Journal | None = spec if isinstance(spec, Journal) else None
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        journal = self._journal
+        assert journal is not None, "open() the journal first"
+        call = functools.partial(getattr(journal, method), *args, **kwargs)
+        with anyio.CancelScope(shield=True):
+            return await anyio.to_thread.run_sync(call)
+
+    async def open(self) -> None:
+        if self._journal is None:
+            spec = self._spec
+            assert not isinstance(spec, Journal)
+            self._journal = await anyio.to_thread.run_sync(Journal, spec)
+
+    async def aclose(self) -> None:
+        journal = self._journal
+        if journal is not None and not isinstance(self._spec, Journal):
+            self._journal = None
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(journal.close)
+
+    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]:
+        records: dict[int, JournalRecord] = await self._call("begin", entries)
+        return records
+
+    async def mark_submitting(self, index: int) -> None:
+        await self._call("mark_submitting", index)
+
+    async def mark_submitted(self, index: int, task_id: str) -> None:
+        await self._call("mark_submitted", index, task_id)
+
+    async def mark_uncertain(self, index: int, message: str) -> None:
+        await self._call("mark_uncertain", index, message)
+
+    async def mark_rejected(self, index: int, message: str) -> None:
+        await self._call("mark_rejected", index, message)
+
+    async def mark_finished(
+        self, index: int, *, result: TaskResult | None, error: str | None
+    ) -> None:
+        await self._call("mark_finished", index, result=result, error=error)
+
+
+def as_async_journal(spec: str | os.PathLike[str] | Journal | AsyncJournal) -> AsyncJournal:
+    """The engine's view of ``journal=``: a path or a :class:`Journal` (run in threads;
+    a path is opened and closed by the engine, a Journal object is left open), or an
+    object that already speaks :class:`AsyncJournal` (e.g. a Redis journal)."""
+    if isinstance(spec, (str, os.PathLike, Journal)):
+        return _ThreadedJournal(spec)
+    return spec
+
+
+Replay = Literal["send", "wait", "succeeded", "failed", "uncertain"]
+
+
+def replay(record: JournalRecord | None, *, resubmit_uncertain: bool) -> Replay:
+    """What a rerun does with one prompt, given its record from an earlier run.
+
+    Never sent or certainly refused: ``send``. A task id without an outcome:
+    ``wait`` for it. A known outcome: ``succeeded`` / ``failed`` (replayed, no
+    request). A POST that may have created a task (``submitting`` when the
+    process died, or ``uncertain``): ``uncertain`` (reported, not resent),
+    unless ``resubmit_uncertain`` says to pay again (``send``).
+    """
+    if record is None or record.state in ("new", "rejected"):
+        return "send"
+    state = record.state
+    if state == "succeeded" and record.result is not None:
+        return "succeeded"
+    if state in ("succeeded", "failed") and record.task_id is not None:
+        return "failed"
+    if state == "submitted" and record.task_id is not None:
+        return "wait"
+    return "send" if resubmit_uncertain else "uncertain"

@@ -10,13 +10,15 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 
 from ._errors import InvalidRequestError
 
 __all__ = [
+    "TASK_REQUESTS",
+    "check_submission",
     "AwsS3Storage",
     "Audio",
     "AudioMetadata",
@@ -239,6 +241,10 @@ CLIP_SKIP_RANGE = (1, 12)
 class Txt2ImgRequest:
     """The ``request`` object of ``POST /v3/async/txt2img``.
 
+    Like every task request the engine submits, it knows its ``endpoint`` (a v3
+    async path whose task ends in ``GET /v3/async/task-result``), its quota
+    ``weight`` and its relative ``cost``.
+
     Ranges (Novita's documented ones, checked on construction): prompt and
     negative_prompt 1-1024 characters, width/height 128-2048, image_num 1-8,
     steps 1-100, guidance_scale 1-30, seed >= -1 (-1 = random), clip_skip 1-12
@@ -247,6 +253,8 @@ class Txt2ImgRequest:
     defaults; every optional field left as ``None`` (or empty) is omitted from
     the JSON, so Novita applies its own default (e.g. seed -1).
     """
+
+    endpoint: ClassVar[str] = "/v3/async/txt2img"
 
     model_name: str = attrs.field(validator=_text(1))
     prompt: str = attrs.field(validator=_text(1, 1024))
@@ -286,6 +294,11 @@ class Txt2ImgRequest:
         if self.hires_fix is not None:
             pixels += self.hires_fix.target_width * self.hires_fix.target_height
         return self.steps * pixels / 1_000_000 * self.image_num
+
+    @property
+    def weight(self) -> int:
+        """What the request counts against Novita's images-per-minute quota."""
+        return self.image_num
 
 
 @attrs.frozen(kw_only=True)
@@ -537,3 +550,21 @@ class Model:
     @property
     def is_available(self) -> bool:
         return self.status == 1
+
+
+#: Request models the engine can submit (each has ``endpoint``, ``weight``, ``cost``).
+TASK_REQUESTS: tuple[type[Txt2ImgRequest], ...] = (Txt2ImgRequest,)
+
+
+def check_submission(request: object, extra: object) -> None:
+    """Type and cross-field checks no single model can make alone (before any I/O)."""
+    if not isinstance(request, TASK_REQUESTS):
+        raise InvalidRequestError(f"request must be a Txt2ImgRequest, got {type(request).__name__}")
+    if extra is not None and not isinstance(extra, Extra):
+        raise InvalidRequestError(f"extra must be an Extra, got {type(extra).__name__}")
+    if request.enable_transparent_background and (
+        extra is None or extra.response_image_type != "png"
+    ):
+        raise InvalidRequestError(
+            "enable_transparent_background needs Extra(response_image_type='png')"
+        )

@@ -2,28 +2,17 @@
 
 One :class:`PollScheduler` per client holds the table of tracked tasks (one
 *entry* per task_id, shared by all its waiters, so two waiters share one poll
-sequence), a heap of their next poll times, one :class:`anyio.CapacityLimiter`
-for in-flight polls, one duration learner and one rate-limit pause.
+sequence), a heap of their next poll times, a pool of ``max_concurrent_polls``
+poll workers, one duration learner (:mod:`._learn`) and one rate-limit pause.
 
-Tick model. At any time exactly one waiter (of any task) is the *driver*; it
-runs the scheduler's tick loop inside its own :meth:`~PollScheduler.wait`
-call, in a task group it owns, so the client owns no background task and
-works with or without ``async with``. Each tick pops every entry due within
-``tick_coalesce`` from the heap (O(due · log n)) and starts one poll per due
-entry in that task group, all concurrent under the limiter, never two for one
-entry; then the driver sleeps until the next due time, or until woken (an
-entry became due earlier, its own task finished). The other waiters sleep on
-their own event until their task is done, their deadline, or their election.
-
-Hand-off. When the driver's task finishes (or its deadline is ``handoff_grace``
-away and a later-deadline waiter exists) it elects the waiter with the latest
-deadline (newest first) and wakes it: that one ticks on at once. The old
-driver gives its in-flight polls ``handoff_grace`` to finish, cancels the rest
-and the not-yet-started ones (GETs are idempotent; those entries become due
-now). A driver cancelled from outside elects its heir synchronously in
-``finally`` and its polls are cancelled the same way. When the last waiter of
-a task leaves, its entry is dropped at once: its in-flight poll is cancelled,
-no more polls.
+It runs as ONE loop task in the client's task group (:meth:`PollScheduler.run`).
+Each tick pops every entry due within ``tick_coalesce`` from the heap
+(O(due · log n)) and hands it to the workers over a memory object stream; then
+the loop sleeps until the next due time or until an entry becomes due earlier.
+A waiter only registers its task and sleeps on the entry's event: O(log n) per
+wait, whatever the number of tasks tracked. When the last waiter of a task
+leaves (deadline, cancellation), its entry is dropped at once and its poll in
+flight cancelled: no more polls.
 
 Timing of one task (see :class:`PollPolicy`): the first poll comes at
 submission + a quantile of the durations learned from finished tasks (Novita's
@@ -35,29 +24,30 @@ of slower tasks, else a backoff.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import attrs
-from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import (
     APIConnectionError,
     InvalidRequestError,
     MalformedResponseError,
     NotFoundError,
+    NovitaError,
     RateLimitError,
     ServerError,
     TaskFailedError,
     TaskTimeoutError,
 )
+from ._learn import MAX_SECONDS, Learner
 from ._models import Task, TaskResult, TaskStatus
 
 __all__ = ["PollHint", "PollPolicy", "PollScheduler", "PollStats"]
@@ -66,20 +56,6 @@ logger = logging.getLogger("novita_async")
 
 #: Errors that survived the transport's retries but say nothing about the task.
 _TRANSIENT = (APIConnectionError, ServerError, RateLimitError, MalformedResponseError)
-#: The latency guard keeps this fraction of first polls at most ``latency_budget`` late.
-_GUARD_QUANTILE = 0.05
-#: A task slower than this fraction of the samples is polled with a plain backoff.
-_TAIL = 0.98
-#: Extrapolation beyond the samples uses the mean of this many edge spacings.
-_EDGE_SPACINGS = 3
-#: The cost model must cut the relative spread of durations below this fraction of the raw one.
-_COST_MODEL_GAIN = 0.8
-#: Longest duration / eta taken at face value (larger ones are not seconds).
-_MAX_SECONDS = 86_400.0
-#: An election looks past at most this many waiters whose task is being polled.
-_MAX_SKIPPED_HEIRS = 256
-#: Recent ``server submit time - local submit time`` values (server clock offset).
-_CLOCK_SAMPLES = 32
 
 _nonneg = attrs.validators.ge(0.0)
 _positive = attrs.validators.gt(0.0)
@@ -114,8 +90,9 @@ class PollPolicy:
     * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
       a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
     * One tick polls every task due within ``tick_coalesce`` of it (so a poll
-      may come that much early). A driver handing the tick loop over gives its
-      in-flight polls ``handoff_grace`` to finish before cancelling them.
+      may come that much early). A task whose answers stay malformed (the
+      transport's retries included) ``max_malformed`` polls in a row ends with
+      :class:`~novita_async.MalformedResponseError`.
     """
 
     min_interval: float = attrs.field(default=0.2, validator=_nonneg)
@@ -132,25 +109,13 @@ class PollPolicy:
     not_found_grace: float = attrs.field(default=10.0, validator=_nonneg)
     max_pause: float = attrs.field(default=60.0, validator=_nonneg)
     tick_coalesce: float = attrs.field(default=0.02, validator=_nonneg)
-    handoff_grace: float = attrs.field(default=0.25, validator=_nonneg)
+    max_malformed: int = attrs.field(default=5, validator=attrs.validators.ge(1))
 
     def __attrs_post_init__(self) -> None:
         if self.min_interval > self.max_interval:
             raise ValueError("min_interval must not exceed max_interval")
         if self.warmup_samples > self.learning_window:
             raise ValueError("warmup_samples must not exceed learning_window")
-
-
-@attrs.frozen(kw_only=True)
-class PollHint:
-    """What the caller knows about a task it waits for.
-
-    ``submitted_at``: ``anyio.current_time()`` taken just before the POST;
-    ``cost``: :attr:`Txt2ImgRequest.cost` (relative GPU work).
-    """
-
-    submitted_at: float | None = None
-    cost: float | None = None
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -160,9 +125,11 @@ class PollStats:
     ``polls_total`` counts GETs sent, ``polls_cancelled`` those cut short (a
     dropped task, a hand-off); ``polls_by_task`` counts answered polls of the
     tasks being tracked right now; ``poll_histogram`` maps "answered polls a
-    finished task needed" to a task count. ``ticks`` counts driver ticks that
-    started polls (``max_polls_per_tick``: the most one tick started);
-    ``handoffs`` counts driver elections after the first driver left.
+    finished task needed" to a task count. ``ticks`` counts scheduler ticks
+    that started polls (``max_polls_per_tick``: the most one tick started).
+    ``waits`` counts :meth:`PollScheduler.wait` calls and ``heap_pushes`` the
+    scheduling operations: both grow with tasks and polls, never with the
+    number of tasks already tracked.
     """
 
     polls_total: int = 0
@@ -179,7 +146,8 @@ class PollStats:
     polls_cancelled: int = 0
     ticks: int = 0
     max_polls_per_tick: int = 0
-    handoffs: int = 0
+    waits: int = 0
+    heap_pushes: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     probes: int = 0
@@ -202,175 +170,19 @@ class PollStats:
         return polls / tasks if tasks else 0.0
 
 
-# --------------------------------------------------------------------------- learning
+@attrs.frozen(kw_only=True)
+class PollHint:
+    """What the caller knows about a task it waits for.
 
-
-def _stderr(q: float, n: int) -> float:
-    """Standard error of an empirical ``q``-quantile's coverage from ``n`` samples."""
-    return math.sqrt(q * (1 - q) / n)
-
-
-class _Window:
-    """The last ``size`` samples of one quantity, also kept sorted (for quantiles)."""
-
-    __slots__ = ("_sorted", "_values")
-
-    def __init__(self, size: int) -> None:
-        self._values: deque[float] = deque(maxlen=size)
-        self._sorted: list[float] = []
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def add(self, value: float) -> None:
-        if len(self._values) == self._values.maxlen:
-            del self._sorted[bisect.bisect_left(self._sorted, self._values[0])]
-        self._values.append(value)
-        bisect.insort(self._sorted, value)
-
-    def quantile(self, q: float) -> float:
-        """Quantile at plotting position q(n+1); beyond the samples, extrapolated."""
-        ordered = self._sorted
-        last = len(ordered) - 1
-        if last == 0:
-            return ordered[0]
-        pos = q * (last + 2) - 1
-        k = min(_EDGE_SPACINGS, last)
-        if pos < 0:  # the smallest sample overstates a low quantile: step below it
-            return max(0.0, ordered[0] + pos * (ordered[k] - ordered[0]) / k)
-        if pos > last:
-            return ordered[last] + (pos - last) * (ordered[last] - ordered[last - k]) / k
-        i = int(pos)
-        if i == last:
-            return ordered[last]
-        return ordered[i] + (ordered[i + 1] - ordered[i]) * (pos - i)
-
-    def fraction_below(self, value: float) -> float:
-        """Empirical CDF at ``value`` (plotting positions, as :meth:`quantile`)."""
-        return bisect.bisect_right(self._sorted, value) / (len(self._sorted) + 1)
-
-    def spread(self, lo: float, hi: float) -> float:
-        """log(hi-quantile / lo-quantile): relative dispersion, scale-free."""
-        low = self.quantile(lo)
-        return math.log(self.quantile(hi) / low) if low > 0 else math.inf
-
-
-class _Learner:
-    """Learns how long tasks take, from submission to completion (local clock).
-
-    Samples come from Novita's ``debug_info`` timestamps of finished tasks
-    (shifted onto the local clock by the smallest recent offset between the two
-    clocks, so the submission lag is included) or from the ``eta`` of probe
-    polls. Two windows are kept: seconds, and seconds per unit of cost; the one
-    with the smaller relative spread predicts. Memory is bounded by the windows.
+    ``submitted_at``: ``anyio.current_time()`` taken just before the POST;
+    ``cost``: :attr:`Txt2ImgRequest.cost` (relative GPU work).
     """
 
-    def __init__(self, policy: PollPolicy) -> None:
-        self.policy = policy
-        self.raw = _Window(policy.learning_window)
-        self.per_cost = _Window(policy.learning_window)
-        self._offsets: deque[float] = deque(maxlen=_CLOCK_SAMPLES)
-        self.probes_out = 0
-        self.eta_supported: bool | None = None
-
-    @property
-    def warm(self) -> bool:
-        return len(self.raw) >= self.policy.warmup_samples
-
-    def _model(self, cost: float | None) -> tuple[_Window, float, float, float]:
-        """(window, scale, low quantile, high quantile) that predict a task of ``cost``.
-
-        Quantiles are widened by one standard error while samples are few.
-        Durations are scaled by ``cost`` when that clearly shrinks their
-        relative spread (i.e. when cost predicts the duration).
-        """
-        policy = self.policy
-        n = len(self.raw)
-        hi = min(0.99, policy.first_poll_quantile + _stderr(policy.first_poll_quantile, n))
-        lo = max(0.0, _GUARD_QUANTILE - _stderr(_GUARD_QUANTILE, n))
-        if (
-            cost is not None
-            and len(self.per_cost) >= policy.warmup_samples
-            and self.per_cost.spread(lo, hi) < _COST_MODEL_GAIN * self.raw.spread(lo, hi)
-        ):
-            return self.per_cost, cost, lo, hi
-        return self.raw, 1.0, lo, hi
-
-    def first_poll(self, cost: float | None) -> float | None:
-        """Seconds after submission to poll first, or ``None`` while nothing is known.
-
-        The ``first_poll_quantile`` of the durations, but at most
-        ``latency_budget`` after their 5 % quantile.
-        """
-        if not self.warm:
-            return None
-        window, scale, lo, hi = self._model(cost)
-        offset = scale * window.quantile(hi)
-        if self.policy.latency_budget is not None:
-            offset = min(offset, scale * window.quantile(lo) + self.policy.latency_budget)
-        return max(offset, 0.0)
-
-    def next_poll(self, elapsed: float, cost: float | None) -> float | None:
-        """After an unfinished answer without eta, ``elapsed`` s after submission:
-        seconds after submission to poll next, from the durations of the tasks
-        that took longer. ``None`` when nothing is known or the task is slower
-        than almost every sample.
-        """
-        if not self.warm:
-            return None
-        window, scale, _, _ = self._model(cost)
-        done = window.fraction_below(elapsed / scale)
-        if done >= _TAIL:
-            return None
-        return scale * window.quantile(done + (1 - done) * self.policy.first_poll_quantile)
-
-    def wants_probe(self) -> bool:
-        return (
-            self.eta_supported is not False
-            and self.probes_out + len(self.raw) < self.policy.warmup_samples
-        )
-
-    def from_timestamps(self, result: TaskResult, submitted_at: float | None) -> float | None:
-        """Submission-to-completion seconds from the server's timestamps, if any."""
-        info = result.extra.debug_info
-        if info is None or not info.submit_time_ms or not info.complete_time_ms:
-            return None
-        submitted = info.submit_time_ms / 1000
-        duration = info.complete_time_ms / 1000 - submitted
-        if not 0 <= duration <= _MAX_SECONDS:
-            return None
-        if submitted_at is None:
-            return duration
-        self._offsets.append(submitted - submitted_at)
-        return duration + self._offsets[-1] - min(self._offsets)
-
-    def add(self, seconds: float, cost: float | None, stats: PollStats) -> bool:
-        """Learn one duration; ``True`` when it made the learner warm."""
-        if not 0 <= seconds <= _MAX_SECONDS:
-            return False
-        was_warm = self.warm
-        self.raw.add(seconds)
-        if cost is not None:
-            self.per_cost.add(seconds / cost)
-            stats.seconds_per_cost_p50 = self.per_cost.quantile(0.5)
-        stats.duration_samples += 1
-        stats.duration_p50 = self.raw.quantile(0.5)
-        return self.warm and not was_warm
+    submitted_at: float | None = None
+    cost: float | None = None
 
 
 # --------------------------------------------------------------------------- entries
-
-
-class _Waiter:
-    """One :meth:`PollScheduler.wait` call."""
-
-    __slots__ = ("active", "deadline", "entry", "wake")
-
-    def __init__(self, entry: _Entry, deadline: float) -> None:
-        self.entry = entry
-        self.deadline = deadline
-        self.active = True
-        self.wake = anyio.Event()
 
 
 class _Entry:
@@ -385,9 +197,10 @@ class _Entry:
         "dropped",
         "error",
         "errors",
-        "fetching",
+        "event",
         "heap_seq",
         "last",
+        "malformed",
         "next_at",
         "plan",
         "polling",
@@ -406,19 +219,20 @@ class _Entry:
         self.created_at = now
         self.submitted_at: float | None = None
         self.cost: float | None = None
-        self.waiters: dict[_Waiter, None] = {}
+        self.waiters = 0
+        self.event = anyio.Event()  # set when done (or dropped)
         self.plan: Plan = "now"
         self.next_at = now
         self.heap_seq = -1  # seq of this entry's one valid heap item, -1: none
-        self.polling = False  # a poll task exists (queued on the limiter or fetching)
-        self.fetching = False
-        self.scope: anyio.CancelScope | None = None  # the poll task's scope
+        self.polling = False  # handed to the workers, answer not applied yet
+        self.scope: anyio.CancelScope | None = None  # the poll in flight
         self.sent = 0
         self.polls = 0
         self.answered = False
         self.sampled = False
         self.backoff = backoff
         self.errors = 0
+        self.malformed: tuple[int, str] = (0, "")  # identical malformed answers in a row
         self.last: TaskResult | None = None
         self.done = False
         self.dropped = False
@@ -438,25 +252,9 @@ class _Entry:
             self.cost = float(cost)
 
 
-class _Session:
-    """The polls one driver started (they live in its task group)."""
-
-    __slots__ = ("closing", "entries", "idle")
-
-    def __init__(self) -> None:
-        self.entries: set[_Entry] = set()
-        self.closing = False
-        self.idle = anyio.Event()
-
-    def discard(self, entry: _Entry) -> None:
-        self.entries.discard(entry)
-        if self.closing and not self.entries:
-            self.idle.set()
-
-
 def _eta(result: TaskResult) -> float | None:
     eta = result.task.eta
-    if eta is None or not 0 < eta <= _MAX_SECONDS:
+    if eta is None or not 0 < eta <= MAX_SECONDS:
         return None
     return float(eta)
 
@@ -468,10 +266,8 @@ class PollScheduler:
     """Resolves :meth:`wait` calls with shared, deduplicated, rate-limited polls.
 
     ``fetch(task_id)`` performs one ``GET /v3/async/task-result`` (already
-    retried on transient failures). Safe to share across tasks of one event
-    loop (e.g. FastAPI requests). It owns no background task: one waiter at a
-    time drives the tick loop, its polls running in a task group inside that
-    waiter's :meth:`wait` call.
+    retried on transient failures). :meth:`run` is its one loop task, started
+    in the client's task group; :meth:`wait` needs it running.
     """
 
     def __init__(
@@ -484,21 +280,24 @@ class PollScheduler:
         if max_concurrent_polls < 1:
             raise ValueError("max_concurrent_polls must be >= 1")
         self._fetch = fetch
-        self._limiter = anyio.CapacityLimiter(max_concurrent_polls)
         self.max_concurrent_polls = max_concurrent_polls
         self.policy = policy
         self._entries: dict[str, _Entry] = {}
-        self._learner = _Learner(policy)
+        self._learner = Learner(
+            window=policy.learning_window,
+            warmup=policy.warmup_samples,
+            quantile=policy.first_poll_quantile,
+            latency_budget=policy.latency_budget,
+        )
         self._paused_until = -math.inf
         self._stats = PollStats()
         self._seq = 0
         #: (next_at, seq, entry): lazy deletion, an item is valid iff entry.heap_seq == seq.
         self._heap: list[tuple[float, int, _Entry]] = []
-        #: (-deadline, -seq, waiter): election order, lazy deletion of waiters that left.
-        self._candidates: list[tuple[float, int, _Waiter]] = []
-        self._waiting = 0
-        self._driver: _Waiter | None = None
-        self._wake_at = -math.inf  # when the sleeping driver wakes up by itself
+        self._send: MemoryObjectSendStream[_Entry] | None = None  # set while running
+        self._wake = anyio.Event()
+        self._wake_at = -math.inf  # when the sleeping loop wakes up by itself
+        self._closed_error: NovitaError | None = None
 
     def __repr__(self) -> str:
         return (
@@ -516,9 +315,98 @@ class PollScheduler:
         """Tasks being polled for at least one waiter right now."""
         return len(self._entries)
 
+    @property
+    def running(self) -> bool:
+        return self._send is not None
+
     def predict_first_poll(self, cost: float | None = None) -> float | None:
         """Seconds after submission the first poll would come now (``None``: not learned yet)."""
         return self._learner.first_poll(cost if cost is not None and cost > 0 else None)
+
+    # ------------------------------------------------------------------ the loop task
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The scheduler's loop: ticks and ``max_concurrent_polls`` workers, until cancelled.
+
+        When it ends, every task still waited on ends with a :class:`NovitaError`
+        saying the client closed.
+        """
+        if self._send is not None:
+            raise RuntimeError("this PollScheduler is already running")
+        send, receive = anyio.create_memory_object_stream[_Entry](math.inf)
+        self._closed_error = None
+        try:
+            async with anyio.create_task_group() as tg, send, receive:
+                for _ in range(self.max_concurrent_polls):
+                    tg.start_soon(self._worker, receive.clone())
+                self._send = send
+                task_status.started()
+                await self._loop()
+        finally:
+            self._send = None
+            self._close_entries()
+
+    async def _loop(self) -> None:
+        coalesce = self.policy.tick_coalesce
+        while True:
+            now = anyio.current_time()
+            if now >= self._paused_until:
+                self._tick(now + coalesce)
+            wake_at = self._next_due()
+            wake = self._wake
+            if not wake.is_set():
+                self._wake_at = wake_at
+                with anyio.move_on_after(wake_at - anyio.current_time()):
+                    await wake.wait()
+                self._wake_at = -math.inf
+            if wake.is_set():
+                self._wake = anyio.Event()
+
+    def _tick(self, horizon: float) -> None:
+        """Hand every entry due by ``horizon`` to the workers."""
+        heap, send = self._heap, self._send
+        assert send is not None
+        started = 0
+        while heap and heap[0][0] <= horizon:
+            _, seq, entry = heapq.heappop(heap)
+            if entry.heap_seq != seq:
+                continue  # stale: rescheduled, polling, done or dropped
+            entry.heap_seq = -1
+            if self._replan(entry) > horizon:
+                self._push(entry)
+                continue
+            entry.polling = True
+            send.send_nowait(entry)
+            started += 1
+        if started:
+            stats = self._stats
+            stats.ticks += 1
+            stats.max_polls_per_tick = max(stats.max_polls_per_tick, started)
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[_Entry]) -> None:
+        async with receive:
+            async for entry in receive:
+                answered = False
+                if entry.live and anyio.current_time() >= self._paused_until:
+                    with anyio.CancelScope() as scope:
+                        entry.scope = scope
+                        answered = await self._poll(entry)
+                entry.scope, entry.polling = None, False
+                if entry.live:
+                    if not answered:  # paused before an answer: due again when the pause ends
+                        entry.next_at = min(entry.next_at, anyio.current_time())
+                    self._schedule(entry)
+
+    def _close_entries(self) -> None:
+        """The loop stopped (client closing): no waiter may hang."""
+        for entry in list(self._entries.values()):
+            error = NovitaError(
+                f"the AsyncNovita client was closed while waiting for task {entry.task_id}"
+            )
+            self._finish(entry, error=error)
+        self._heap.clear()
 
     # ------------------------------------------------------------------ waiting
 
@@ -533,23 +421,21 @@ class PollScheduler:
         """
         if timeout is not None and not timeout >= 0:
             raise InvalidRequestError(f"timeout must be None or >= 0, got {timeout!r}")
+        if self._send is None:
+            raise RuntimeError("the poll scheduler is not running (enter the client first)")
         now = anyio.current_time()
+        self._stats.waits += 1
         entry = self._entries.get(task_id)
         if entry is None:
             entry = self._track(task_id, hint, now)
         elif hint is not None:
             entry.absorb(hint, now)
-        me = self._join(entry, now + timeout if timeout is not None else math.inf)
+        entry.waiters += 1
         try:
-            with anyio.CancelScope(deadline=me.deadline):
-                while not entry.done:
-                    if self._driver is me:
-                        await self._drive(entry, me)
-                    else:
-                        await me.wake.wait()
-                        me.wake = anyio.Event()
+            with anyio.move_on_after(math.inf if timeout is None else timeout):
+                await entry.event.wait()
         finally:
-            self._leave(entry, me)
+            self._leave(entry)
         if entry.done:
             return self._outcome(entry)
         await anyio.lowlevel.checkpoint_if_cancelled()  # an outer cancel wins over our deadline
@@ -577,26 +463,9 @@ class PollScheduler:
         self._schedule(entry)
         return entry
 
-    def _join(self, entry: _Entry, deadline: float) -> _Waiter:
-        me = _Waiter(entry, deadline)
-        entry.waiters[me] = None
-        self._seq += 1
-        self._waiting += 1
-        candidates = self._candidates
-        if len(candidates) > 64 + 2 * self._waiting:  # drop the waiters that left
-            candidates[:] = [c for c in candidates if c[2].active and c[2].entry.live]
-            heapq.heapify(candidates)
-        heapq.heappush(candidates, (-deadline, -self._seq, me))
-        if self._driver is None:
-            self._driver = me
-        return me
-
-    def _leave(self, entry: _Entry, me: _Waiter) -> None:
-        me.active = False
-        del entry.waiters[me]
-        self._waiting -= 1
-        self._resign(me)
-        if not entry.waiters and not entry.done:
+    def _leave(self, entry: _Entry) -> None:
+        entry.waiters -= 1
+        if entry.waiters == 0 and not entry.done:
             entry.dropped = True
             if entry.scope is not None:
                 entry.scope.cancel()  # its poll in flight: cancelled, the answer ignored
@@ -614,121 +483,7 @@ class PollScheduler:
             raise TaskFailedError(entry.task_id, result.task.reason, result)
         return result
 
-    # ------------------------------------------------------------------ election
-
-    def _top_waiter(self) -> _Waiter | None:
-        """The waiter with the latest deadline (newest first) whose task is not done."""
-        candidates = self._candidates
-        while candidates:
-            waiter = candidates[0][2]
-            if waiter.active and not waiter.entry.done:
-                return waiter
-            heapq.heappop(candidates)
-        return None
-
-    def _elect(self, me: _Waiter) -> _Waiter | None:
-        """The next driver after ``me``: the latest deadline (newest first), preferring
-        a waiter whose task is not being polled right now (it may be done in a moment).
-        An abdicating ``me`` (still active) needs an heir with a later deadline."""
-        candidates = self._candidates
-        floor = me.deadline if me.active else -math.inf
-        skipped: list[tuple[float, int, _Waiter]] = []
-        heir: _Waiter | None = None
-        while candidates:
-            waiter = candidates[0][2]
-            if not waiter.active or waiter.entry.done:
-                heapq.heappop(candidates)
-            elif waiter.deadline <= floor:
-                break
-            elif waiter.entry.polling and len(skipped) < _MAX_SKIPPED_HEIRS:
-                skipped.append(heapq.heappop(candidates))
-            else:
-                heir = waiter
-                break
-        if heir is None and skipped:
-            heir = skipped[0][2]
-        for item in skipped:
-            heapq.heappush(candidates, item)
-        return heir
-
-    def _resign(self, me: _Waiter) -> None:
-        """If ``me`` drives, elect and wake the next driver (synchronous)."""
-        if self._driver is not me:
-            return
-        self._driver = None
-        self._wake_at = -math.inf  # the heir is not asleep on a timer: kick it for anything
-        heir = self._elect(me)
-        if heir is not None:
-            assert heir is not me
-            self._driver = heir
-            self._stats.handoffs += 1
-            heir.wake.set()
-
-    # ------------------------------------------------------------------ driving
-
-    async def _drive(self, entry: _Entry, me: _Waiter) -> None:
-        """Run the tick loop until ``me``'s task is done or ``me`` hands over."""
-        session = _Session()
-        async with anyio.create_task_group() as tg:
-            try:
-                await self._tick_loop(entry, me, session, tg)
-            except BaseException:  # cancelled (deadline, caller): the heir takes over now
-                me.active = False
-                self._resign(me)
-                raise
-            if entry.done:
-                me.active = False
-            self._resign(me)
-            await self._release(session, tg)
-
-    async def _tick_loop(
-        self, entry: _Entry, me: _Waiter, session: _Session, tg: TaskGroup
-    ) -> None:
-        grace = self.policy.handoff_grace
-        while not entry.done and self._driver is me:
-            now = anyio.current_time()
-            soft_deadline = me.deadline - grace
-            if now >= soft_deadline:
-                heir = self._top_waiter()
-                if heir is not None and heir.deadline > me.deadline:
-                    return  # our deadline is near: let a longer-lived waiter drive
-            self._tick(now, session, tg)
-            wake_at = self._next_due()
-            if soft_deadline > now:
-                wake_at = min(wake_at, soft_deadline)
-            if not me.wake.is_set():
-                self._wake_at = wake_at
-                try:
-                    with anyio.CancelScope(deadline=wake_at):
-                        await me.wake.wait()
-                finally:
-                    self._wake_at = -math.inf
-            if me.wake.is_set():
-                me.wake = anyio.Event()
-
-    def _tick(self, now: float, session: _Session, tg: TaskGroup) -> None:
-        """Start one poll for every entry due by ``now + tick_coalesce``."""
-        if now < self._paused_until:
-            return
-        heap = self._heap
-        horizon = now + self.policy.tick_coalesce
-        started = 0
-        while heap and heap[0][0] <= horizon:
-            _, seq, entry = heapq.heappop(heap)
-            if entry.heap_seq != seq:
-                continue  # stale: rescheduled, polling, done or dropped
-            entry.heap_seq = -1
-            if self._replan(entry) > horizon:
-                self._push(entry)
-                continue
-            entry.polling = True
-            session.entries.add(entry)
-            tg.start_soon(self._run_poll, entry, session)
-            started += 1
-        if started:
-            stats = self._stats
-            stats.ticks += 1
-            stats.max_polls_per_tick = max(stats.max_polls_per_tick, started)
+    # ------------------------------------------------------------------ scheduling
 
     def _replan(self, entry: _Entry) -> float:
         """Re-plan a first poll with what was learned since; return when it is due.
@@ -760,6 +515,7 @@ class PollScheduler:
 
     def _push(self, entry: _Entry) -> None:
         self._seq += 1
+        self._stats.heap_pushes += 1
         entry.heap_seq = self._seq
         heap = self._heap
         if len(heap) > 64 + 4 * len(self._entries):  # too many stale items: compact
@@ -768,52 +524,14 @@ class PollScheduler:
         heapq.heappush(heap, (entry.next_at, self._seq, entry))
 
     def _schedule(self, entry: _Entry) -> None:
-        """(Re)insert a live, idle entry at ``next_at``; wake the driver if that is sooner."""
+        """(Re)insert a live, idle entry at ``next_at``; wake the loop if that is sooner."""
         self._push(entry)
-        driver = self._driver
-        if driver is not None and (
-            self._wake_at == -math.inf or max(entry.next_at, self._paused_until) < self._wake_at
-        ):
-            driver.wake.set()
-
-    async def _release(self, session: _Session, tg: TaskGroup) -> None:
-        """After a hand-off: polls not sent yet go to the new driver at once, polls
-        in flight get ``handoff_grace`` to finish, the rest are cancelled."""
-        session.closing = True
-        for entry in list(session.entries):
-            if not entry.fetching and entry.scope is not None:
-                entry.scope.cancel()
-        if session.entries:
-            with anyio.move_on_after(self.policy.handoff_grace):
-                await session.idle.wait()
-        tg.cancel_scope.cancel()
-
-    async def _run_poll(self, entry: _Entry, session: _Session) -> None:
-        """One poll of ``entry`` (a task in the driver's task group)."""
-        scope = entry.scope = anyio.CancelScope()
-        answered = False
-        try:
-            with scope:
-                if entry.live and not session.closing:
-                    async with self._limiter:
-                        if (
-                            entry.live
-                            and not scope.cancel_called
-                            and anyio.current_time() >= self._paused_until
-                        ):
-                            answered = await self._poll(entry)
-        finally:  # synchronous: also runs when the driver's group is cancelled
-            entry.scope, entry.polling, entry.fetching = None, False, False
-            session.discard(entry)
-            if entry.live:
-                if not answered:  # cancelled or paused before an answer: due again now
-                    entry.next_at = min(entry.next_at, anyio.current_time())
-                self._schedule(entry)
+        if max(entry.next_at, self._paused_until) < self._wake_at:
+            self._wake.set()
 
     async def _poll(self, entry: _Entry) -> bool:
         """Send one GET and apply its answer; ``False`` if the entry left meanwhile."""
         stats = self._stats
-        entry.fetching = True
         entry.sent += 1
         stats.polls_total += 1
         stats.in_flight += 1
@@ -832,7 +550,6 @@ class PollScheduler:
             raise
         finally:
             stats.in_flight -= 1
-            entry.fetching = False
         if not entry.live:
             return False  # every waiter left while it was in flight: ignore the answer
         self._answered(entry)
@@ -851,7 +568,7 @@ class PollScheduler:
         status = result.status
         eta = _eta(result)
         first, entry.answered = not entry.answered, True
-        entry.last, entry.errors = result, 0
+        entry.last, entry.errors, entry.malformed = result, 0, (0, "")
         if first and entry.submitted_at is not None:
             if entry.plan == "probe":
                 if not status.is_terminal:
@@ -912,6 +629,9 @@ class PollScheduler:
             self._finish(entry, result=TaskResult(task=task))
             return
         elif isinstance(exc, _TRANSIENT):
+            if isinstance(exc, MalformedResponseError) and self._malformed_again(entry, exc):
+                self._finish(entry, error=exc)
+                return
             delay = self._error_delay(entry)
             stats.transient_errors += 1
             if isinstance(exc, RateLimitError):  # account-wide: pause every poll
@@ -931,6 +651,13 @@ class PollScheduler:
             return
         self._finish(entry, error=exc)
 
+    def _malformed_again(self, entry: _Entry, exc: MalformedResponseError) -> bool:
+        """Count identical malformed answers in a row; True once there are too many."""
+        count, body = entry.malformed
+        count = count + 1 if body == exc.body else 1
+        entry.malformed = (count, exc.body)
+        return count >= self.policy.max_malformed
+
     def _error_delay(self, entry: _Entry) -> float:
         policy = self.policy
         entry.errors += 1
@@ -939,7 +666,13 @@ class PollScheduler:
 
     def _sample(self, entry: _Entry, seconds: float) -> None:
         entry.sampled = True
-        if self._learner.add(seconds, entry.cost, self._stats):
+        learner, stats = self._learner, self._stats
+        warmed = learner.add(seconds, entry.cost)
+        stats.duration_samples = len(learner.raw)
+        stats.duration_p50 = learner.raw.quantile(0.5) if len(learner.raw) else None
+        if len(learner.per_cost):
+            stats.seconds_per_cost_p50 = learner.per_cost.quantile(0.5)
+        if warmed:
             self._replan_cold()
 
     def _settle_probe(self, entry: _Entry) -> None:
@@ -962,8 +695,7 @@ class PollScheduler:
             else:
                 stats.tasks_failed += 1
             stats.poll_histogram[entry.polls] = stats.poll_histogram.get(entry.polls, 0) + 1
-        for waiter in entry.waiters:
-            waiter.wake.set()
+        entry.event.set()
 
     def _forget(self, entry: _Entry) -> None:
         entry.heap_seq = -1  # its heap items are stale now

@@ -24,7 +24,7 @@ import platform
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import anyio
 import attrs
@@ -48,10 +48,16 @@ from ._version import __version__
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "MAX_ANSWER_BYTES",
+    "NOT_GIVEN",
+    "RATE_LIMIT_ATTEMPTS",
+    "Attempts",
+    "NotGiven",
     "RetryPolicy",
     "Transport",
     "Uncertain",
     "parse_retry_after",
+    "should_retry",
     "status_error",
 ]
 
@@ -59,9 +65,33 @@ logger = logging.getLogger("novita_async")
 T = TypeVar("T")
 
 #: Novita advises client timeouts above 60 s (its 503/504 are traffic shaping).
-#: Also the "not given" marker of ``AsyncNovita(timeout=...)``: with a
-#: user-supplied ``http_client`` the client's own timeout then applies.
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+#: API answers larger than this are malformed (a task-result is a few kB).
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: 429 answers one POST may get (each slows the pacing down) before it is an error.
+RATE_LIMIT_ATTEMPTS = 10
+
+
+class NotGiven:
+    """The type of :data:`NOT_GIVEN`: "the caller did not pass this argument"."""
+
+    _instance: NotGiven | None = None
+
+    def __new__(cls) -> NotGiven:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: ``AsyncNovita(timeout=NOT_GIVEN)``: an owned client uses :data:`DEFAULT_TIMEOUT`,
+#: a user-supplied ``http_client`` keeps its own timeout (``None`` means no timeout).
+NOT_GIVEN: Final = NotGiven()
 
 _AUTH_REASONS = frozenset({"INVALID_API_KEY", "MISSING_API_KEY", "FAILED_TO_AUTH", "INVALID_AUTH"})
 _BALANCE_REASONS = frozenset(
@@ -269,7 +299,9 @@ def status_error(response: httpx.Response, *, body: str | None = None) -> APISta
     )
 
 
-def _envelope_status_error(response: httpx.Response, data: Any) -> APIStatusError | None:
+def _envelope_status_error(
+    response: httpx.Response, data: Any, content: bytes
+) -> APIStatusError | None:
     """The error a 2xx envelope with a non-zero ``code`` stands for, else None."""
     from ._convert import envelope_error
 
@@ -287,7 +319,7 @@ def _envelope_status_error(response: httpx.Response, data: Any) -> APIStatusErro
         status_code=status,
         reason=reason,
         metadata=metadata if isinstance(metadata, Mapping) else None,
-        body=_text_of(response)[:4000],
+        body=content[:4000].decode("utf-8", "replace"),
         method=method,
         path=path,
         code=code,
@@ -304,25 +336,26 @@ def _connection_error(exc: httpx.RequestError, method: str, path: str) -> APICon
     return error
 
 
-def _decode_json(response: httpx.Response) -> Any:
+def _decode_json(response: httpx.Response, content: bytes) -> Any:
     try:
-        return json.loads(response.content)
-    except ValueError as exc:  # includes UnicodeDecodeError
+        return json.loads(content)
+    except (ValueError, RecursionError) as exc:  # ValueError includes UnicodeDecodeError
         method, path = _request_of(response)
         raise MalformedResponseError(
             f"{method} {path}: {response.status_code} body is not JSON",
-            body=_text_of(response)[:2000],
-        ) from exc
+            body=content[:2000].decode("utf-8", "replace"),
+        ) from None if isinstance(exc, RecursionError) else exc
 
 
-def _read(response: httpx.Response) -> Any:
+def _read(response: httpx.Response, content: bytes) -> Any:
     """The decoded JSON of a successful answer; raises the mapped error otherwise."""
     if not response.is_success:
-        raise status_error(response)
-    data = _decode_json(response)
-    error = _envelope_status_error(response, data)
-    if error is not None:
-        raise error
+        raise status_error(response, body=content.decode("utf-8", "replace"))
+    data = _decode_json(response, content)
+    if isinstance(data, Mapping) and "code" in data:  # the deprecated v2 envelope
+        error = _envelope_status_error(response, data, content)
+        if error is not None:
+            raise error
     return data
 
 
@@ -331,15 +364,61 @@ def _get_retryable(error: APIStatusError) -> bool:
     return status in (408, 429) or (status >= 500 and error.reason.upper() != "TASK_FAILED")
 
 
+Decision = Literal["retry", "raise", "uncertain"]
+
+
+def should_retry(method: str, error: NovitaError) -> Decision:
+    """The one retry decision for every request: retry, raise, or (POST) uncertain.
+
+    A GET is idempotent: retried on connection errors, timeouts, malformed bodies,
+    408, 429 and 5xx (except ``TASK_FAILED``). A task-creating POST is retried
+    only where Novita certainly created no task (never sent, 429, 503); after
+    anything else that may have reached Novita it is ``uncertain``.
+    """
+    if method == "GET":
+        if isinstance(error, (APIConnectionError, MalformedResponseError)):
+            return "retry"
+        if isinstance(error, APIStatusError) and _get_retryable(error):
+            return "retry"
+        return "raise"
+    if isinstance(error, APIConnectionError):
+        return "retry" if isinstance(error.__cause__, _NEVER_SENT) else "uncertain"
+    if isinstance(error, MalformedResponseError):
+        return "uncertain"  # a 2xx (or a 5xx) we cannot read: the task may exist
+    if isinstance(error, APIStatusError):
+        if error.status_code in _POST_RETRYABLE_STATUS:
+            return "retry"
+        if error.status_code >= 500:
+            return "uncertain"
+    return "raise"
+
+
+class Attempts(Protocol):
+    """What a caller plugs into :meth:`Transport.request` around each attempt."""
+
+    async def admit(self) -> None:
+        """Before every attempt (cancellable): pacing."""
+
+    async def sending(self) -> None:
+        """Just before the bytes go, inside the shield (e.g. a journal write)."""
+
+    async def accepted(self, answer: Any) -> None:
+        """After a successful answer, still inside the shield (e.g. a journal write)."""
+
+    async def refused(self, error: NovitaError, decision: Decision) -> float | None:
+        """After a failed attempt: refund or slow down; a delay that replaces the backoff."""
+
+
 # --------------------------------------------------------------------------- transport
 
 
 class Transport:
     """Owns (or borrows) the httpx client; signs requests to the API host only.
 
-    ``timeout``: ``DEFAULT_TIMEOUT`` (the default) means "not chosen": an owned
-    client uses it, a user-supplied ``http_client`` keeps its own timeout. Any
-    other value (``None`` = no timeout, as in httpx) applies to every request.
+    ``timeout``: :data:`NOT_GIVEN` means "not chosen": an owned client uses
+    :data:`DEFAULT_TIMEOUT`, a user-supplied ``http_client`` keeps its own
+    timeout. Any other value (``None`` = no timeout, as in httpx) applies to
+    every request.
     """
 
     def __init__(
@@ -347,7 +426,7 @@ class Transport:
         *,
         api_key: str,
         base_url: str,
-        timeout: float | httpx.Timeout | None,
+        timeout: float | httpx.Timeout | NotGiven | None,
         retry: RetryPolicy,
         http_client: httpx.AsyncClient | None,
         transport: httpx.AsyncBaseTransport | None,
@@ -360,25 +439,31 @@ class Transport:
         self.base_url = base
         self.retry = retry
         self.max_connections = max_connections
+        self.max_answer_bytes = MAX_ANSWER_BYTES
         self._owns_client = http_client is None
         self._timeout_override: httpx.Timeout | None = None
         if http_client is None:
             http_client = httpx.AsyncClient(
                 verify=_default_ssl_context() if transport is None else True,
-                timeout=timeout,
+                timeout=DEFAULT_TIMEOUT if isinstance(timeout, NotGiven) else timeout,
                 limits=httpx.Limits(
                     max_connections=max_connections, max_keepalive_connections=max_connections
                 ),
                 transport=transport,
                 follow_redirects=False,
             )
-        elif timeout is not DEFAULT_TIMEOUT:
+        elif not isinstance(timeout, NotGiven):
             self._timeout_override = httpx.Timeout(timeout)
         self.http = http_client
         self.user_agent = (
             f"novita-async/{__version__} httpx/{httpx.__version__} "
             f"{platform.python_implementation()}/{platform.python_version()}"
         )
+        self._headers = {
+            "User-Agent": self.user_agent,
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
         #: Sleep used between retries (tests may replace it).
         self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
 
@@ -405,13 +490,9 @@ class Transport:
     ) -> httpx.Request:
         """A request for ``path`` (or an absolute URL); signed only for the API's origin."""
         url = self.url(path)
-        headers = {
-            "User-Agent": self.user_agent,
-            "Accept": "application/json",
-            "Content-Type": "application/json",
-        }
+        headers = self._headers
         if self.is_api_url(url):  # never sign a request to any other host
-            headers["Authorization"] = f"Bearer {self._secret.reveal()}"
+            headers = {**headers, "Authorization": f"Bearer {self._secret.reveal()}"}
         if self._timeout_override is not None:
             return self.http.build_request(
                 method,
@@ -432,116 +513,114 @@ class Transport:
             await self.http.aclose()
 
     async def get(
+        self, path: str, *, params: Mapping[str, Any] | None = None, parse: Callable[[Any], T]
+    ) -> T:
+        """GET ``path`` and ``parse`` its JSON; retried on anything transient."""
+        return await self.request("GET", path, params=params, parse=parse)
+
+    async def request(
         self,
+        method: str,
         path: str,
         *,
         params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        parse: Callable[[Any], T],
+        attempts: Attempts | None = None,
+        rate_limit_attempts: int = RATE_LIMIT_ATTEMPTS,
+    ) -> T:
+        """The one request loop: send, ``parse`` the JSON, retry per :func:`should_retry`.
+
+        ``parse`` may raise :class:`MalformedResponseError` (an answer that is not
+        what was asked for): that counts as a malformed body. With ``attempts``
+        every attempt is admitted first (cancellable) and then sent shielded,
+        so an answer on its way is never lost to a cancellation. A POST whose
+        outcome is unknown raises :class:`Uncertain`. A POST gives up at its
+        ``rate_limit_attempts``-th 429 (a GET's 429s count as ``max_retries``).
+        """
+        retry = self.retry
+        failures = rate_limited = 0
+        while True:
+            if attempts is not None:
+                await attempts.admit()
+            error: NovitaError
+            try:
+                if attempts is None:
+                    return await self._attempt(method, path, params, json_body, parse)
+                with anyio.CancelScope(shield=True):
+                    await attempts.sending()
+                    answer = await self._attempt(method, path, params, json_body, parse)
+                    await attempts.accepted(answer)
+                    return answer
+            except NovitaError as exc:
+                error = exc
+            self._secret.scrub(error)
+            decision = should_retry(method, error)
+            if decision == "retry":
+                if isinstance(error, RateLimitError) and method != "GET":
+                    rate_limited += 1
+                    exhausted = rate_limited >= rate_limit_attempts
+                else:
+                    failures += 1
+                    exhausted = failures > retry.max_retries
+                if exhausted:
+                    decision = "raise"
+            delay = None if attempts is None else await attempts.refused(error, decision)
+            if decision == "uncertain":
+                logger.warning("%s %s outcome unknown, not retried: %s", method, path, error)
+                raise Uncertain(error)
+            if decision == "raise":
+                raise error
+            if delay is None:
+                retry_after = error.retry_after if isinstance(error, APIStatusError) else None
+                delay = retry.delay(failures + rate_limited - 1, retry_after)
+            logger.info("%s %s failed (%s); retry in %.2fs", method, path, error, delay)
+            await self.sleep(delay)
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, Any] | None,
+        json_body: Any,
         parse: Callable[[Any], T],
     ) -> T:
-        """GET ``path`` and ``parse`` its JSON; retried on anything transient."""
+        """One request; its parsed answer or the mapped :class:`NovitaError`."""
+        request = self.build(method, path, params=params, json_body=json_body)
         try:
-            return await self._get(path, params, parse)
-        except NovitaError as exc:
-            self._secret.scrub(exc)
-            raise
-
-    async def _get(
-        self, path: str, params: Mapping[str, Any] | None, parse: Callable[[Any], T]
-    ) -> T:
-        attempt = 0
-        while True:
-            retry_after: float | None = None
-            error: NovitaError
+            response = await self.http.send(request, stream=True)
             try:
-                response = await self.http.send(self.build("GET", path, params=params))
-                return parse(_read(response))
-            except httpx.RequestError as exc:
-                error = _connection_error(exc, "GET", path)
-            except APIStatusError as exc:
-                if not _get_retryable(exc):
-                    raise
-                error, retry_after = exc, exc.retry_after
-            except MalformedResponseError as exc:
-                error = exc
-            if attempt >= self.retry.max_retries:
-                raise error
-            self._secret.scrub(error)
-            delay = self.retry.delay(attempt, retry_after)
-            logger.info("GET %s failed (%s); retry %d in %.2fs", path, error, attempt + 1, delay)
-            attempt += 1
-            await self.sleep(delay)
-
-    async def post_submission(
-        self,
-        path: str,
-        body: Any,
-        *,
-        retry_429: bool = True,
-        parse: Callable[[Any], Any] = lambda data: data,
-        max_retries: int | None = None,
-    ) -> Any:
-        """POST a task-creating body; return ``parse`` of its decoded JSON.
-
-        Envelope errors are raised as their status errors. Raises
-        :class:`Uncertain` (wrapping the cause) when the task may exist,
-        including when ``parse`` raises :class:`MalformedResponseError`.
-        With ``retry_429=False`` a 429 raises at once, for callers that pace
-        themselves (the fan-out's rate limiter). ``max_retries`` overrides the
-        policy's (``0``: one attempt, the caller retries; the fan-out does, so
-        that no POST starts after it was cancelled).
-        """
+                content = await _read_capped(response, self.max_answer_bytes)
+            finally:
+                await response.aclose()
+        except httpx.RequestError as exc:
+            raise _connection_error(exc, method, path) from exc
         try:
-            return await self._post(path, body, retry_429, parse, max_retries)
-        except Uncertain as exc:
-            self._secret.scrub(exc.cause)
-            exc.args = (str(exc.cause),)
-            logger.warning("POST %s outcome unknown, not retried: %s", path, exc.cause)
-            raise
-        except NovitaError as exc:
-            self._secret.scrub(exc)
-            raise
+            return parse(_read(response, content))
+        except RecursionError:
+            raise MalformedResponseError(f"{method} {path}: answer nested too deeply") from None
 
-    async def _post(
-        self,
-        path: str,
-        body: Any,
-        retry_429: bool,
-        parse: Callable[[Any], Any],
-        max_retries: int | None = None,
-    ) -> Any:
-        retries = self.retry.max_retries if max_retries is None else max_retries
-        attempt = 0
-        while True:
-            retry_after: float | None = None
-            error: NovitaError
-            try:
-                response = await self.http.send(self.build("POST", path, json_body=body))
-            except _NEVER_SENT as exc:  # all httpx.RequestError subclasses
-                error = _connection_error(exc, "POST", path)  # type: ignore[arg-type]
-            except httpx.RequestError as exc:  # the body may have reached Novita
-                raise Uncertain(_connection_error(exc, "POST", path)) from exc
-            else:
-                try:
-                    return parse(_read(response))
-                except MalformedResponseError as exc:  # a 2xx we cannot read: task may exist
-                    raise Uncertain(exc) from exc
-                except APIStatusError as exc:
-                    status = exc.status_code
-                    if status == 503 or (status == 429 and retry_429):
-                        error, retry_after = exc, exc.retry_after
-                    elif status >= 500 and status not in _POST_RETRYABLE_STATUS:
-                        raise Uncertain(exc) from exc
-                    else:
-                        raise
-            if attempt >= retries:
-                raise error
-            self._secret.scrub(error)
-            delay = self.retry.delay(attempt, retry_after)
-            logger.info(
-                "POST %s not accepted (%s); retry %d in %.2fs", path, error, attempt + 1, delay
-            )
-            attempt += 1
-            await self.sleep(delay)
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The body, or :class:`MalformedResponseError` once it passes ``limit`` bytes."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(response, limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(response, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(response: httpx.Response, limit: int) -> MalformedResponseError:
+    method, path = _request_of(response)
+    return MalformedResponseError(
+        f"{method} {path}: {response.status_code} answer is larger than {limit} bytes"
+    )
 
 
 class Uncertain(Exception):

@@ -36,6 +36,7 @@ from novita_async import (
     Txt2ImgRequest,
     WeightedRateLimiter,
 )
+from novita_async._transport import RATE_LIMIT_ATTEMPTS
 from novita_async.testing import NovitaEmulator
 
 pytestmark = pytest.mark.anyio
@@ -168,17 +169,31 @@ async def test_a_failed_prompt_is_an_item_not_an_exception() -> None:
 
 async def test_invalid_request_becomes_an_error_item() -> None:
     emu = NovitaEmulator(durations=0.02)
-    requests: list[Any] = [req("a"), "not a request", req("b")]
+    bad = req("see-through", enable_transparent_background=True)  # needs png: no Extra given
     client, counting = client_for(emu)
     async with client:
-        items = await client.txt2img_all(requests)
+        items = await client.txt2img_all([req("a"), bad, req("b")])
     assert isinstance(items[1].error, InvalidRequestError)
     assert items[1].task_id is None
-    assert cast(Any, items[1].request) == "not a request"
+    assert items[1].request is bad
     assert items[0].ok
     assert items[2].ok
     assert emu.tasks_created == 2
     assert counting.posts_sent == 2
+
+
+async def test_wrong_types_raise_at_the_call() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    client, counting = client_for(emu)
+    async with client:
+        with pytest.raises(TypeError, match=r"requests\[1\] must be a Txt2ImgRequest, got str"):
+            client.txt2img_many(cast(Any, [req("a"), "not a request"]))
+        with pytest.raises(TypeError, match="iterable of Txt2ImgRequest"):
+            await client.txt2img_all(cast(Any, "a cat"))
+        lazy = (x for x in cast(Any, [req("a"), 42]))  # a generator is checked as it is read
+        with pytest.raises(TypeError, match="got int"):
+            await client.txt2img_all(lazy)
+    assert counting.posts_sent <= 1
 
 
 async def test_rejected_request_is_an_error_item() -> None:
@@ -340,7 +355,7 @@ async def test_rate_limit_errors_bounded() -> None:
         items = await client.txt2img_all([req("x")], images_per_minute=limiter)
     assert items[0].error is not None
     assert items[0].task_id is None
-    assert counting.posts_sent == 10  # RATE_LIMIT_ATTEMPTS, then an error item
+    assert counting.posts_sent == RATE_LIMIT_ATTEMPTS  # 429 answers, then an error item
     assert emu.tasks_created == 0
 
 
@@ -405,20 +420,41 @@ async def test_break_out_of_bare_loop_stops_everything(caplog: pytest.LogCapture
     requests = [req("fast"), *reqs(30, "slow")]
     client, counting = client_for(emu)
     async with client:
+        got = []
+        with caplog.at_level(logging.WARNING, logger="novita_async"):
+            async for item in client.txt2img_many(requests, max_concurrent_submissions=2):
+                got.append(item)
+                break  # the run is freed here: no POST starts from now on
+            sent = counting.posts_sent
+            await anyio.sleep(0.05)  # polls already handed to the pool's workers may still go
+            polls = emu.polls_total
+            await anyio.sleep(0.7)  # long enough for more POSTs and polls, were anything running
+        # POSTs on the wire at the break finish (shielded), nothing new starts, nothing polls
+        assert (counting.posts_sent, emu.polls_total, emu.tasks_created) == (sent, polls, sent)
+        assert sent < len(requests)
+        [warning] = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+        pending = [t for t in emu.tasks if t != got[0].task_id]
+        assert pending
+        assert all(task_id in warning for task_id in pending)  # what was paid is reported
+
+
+async def test_break_out_of_a_kept_run_stops_at_aclose(caplog: pytest.LogCaptureFixture) -> None:
+    emu = NovitaEmulator(durations=by_prompt(slow=0.5, fast=0.01), latency=0.01)
+    requests = [req("fast"), *reqs(30, "slow")]
+    client, counting = client_for(emu)
+    async with client:
         run = client.txt2img_many(requests, max_concurrent_submissions=2)
         got = []
         async for item in run:
             got.append(item)
             break
+        await run.aclose()  # a run kept in a variable is stopped by aclose (or when freed)
         sent, polls, created = counting.posts_sent, emu.polls_total, emu.tasks_created
         await anyio.sleep(0.7)  # long enough for more POSTs and polls, were anything running
         assert (counting.posts_sent, emu.polls_total, emu.tasks_created) == (sent, polls, created)
         assert sent < len(requests)
         assert run.pending_task_ids  # submitted, still running, billed
         assert_no_task_lost(emu, got, run.pending_task_ids)
-        with caplog.at_level(logging.WARNING, logger="novita_async"):
-            await run.aclose()
-        assert any("not delivered" in r.getMessage() for r in caplog.records)
         assert run.closed
         assert [item async for item in run] == []
     assert not [r for r in caplog.records if r.name == "asyncio"]

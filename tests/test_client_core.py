@@ -47,7 +47,9 @@ from novita_async import (
     TaskResult,
     TaskStatus,
     Txt2ImgRequest,
+    WeightedRateLimiter,
 )
+from novita_async._transport import RATE_LIMIT_ATTEMPTS
 from novita_async._version import __version__
 
 KEY = "sk_live_9f8e7d6c5b4a3210fedcba98"
@@ -635,39 +637,43 @@ async def test_post_honours_retry_after(api: respx.MockRouter) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("failure", "expected"),
+    ("failure", "expected", "sent"),
     [
-        (error(503), ServerError),
-        (error(429, "RATE_LIMIT_EXCEEDED"), RateLimitError),
-        (httpx.ConnectError, APIConnectionError),
-        (httpx.ConnectTimeout, APITimeoutError),
+        (error(503), ServerError, 3),
+        # 429s have their own budget (RATE_LIMIT_ATTEMPTS answers): each slows the pacing down.
+        (error(429, "RATE_LIMIT_EXCEEDED"), RateLimitError, RATE_LIMIT_ATTEMPTS),
+        (httpx.ConnectError, APIConnectionError, 3),
+        (httpx.ConnectTimeout, APITimeoutError, 3),
     ],
 )
 async def test_post_gives_up_with_the_last_definite_error(
-    api: respx.MockRouter, failure: Any, expected: type[Exception]
+    api: respx.MockRouter, failure: Any, expected: type[Exception], sent: int
 ) -> None:
-    route = api.post(SUBMIT).mock(side_effect=[failure] * 10)
+    route = api.post(SUBMIT).mock(side_effect=[failure] * 20)
     client, sleeps = make_client(max_retries=2)
     async with client:
         with pytest.raises(expected) as caught:
             await client.submit_txt2img(REQUEST)
     assert not isinstance(caught.value, SubmissionUncertainError)
-    assert route.call_count == 3
-    assert len(sleeps) == 2
+    assert route.call_count == sent
+    assert len(sleeps) == sent - 1
 
 
 @pytest.mark.asyncio
-async def test_post_429_raises_at_once_for_self_pacing_callers(api: respx.MockRouter) -> None:
+async def test_post_429_with_a_client_rate_limiter_is_paced_by_it(
+    api: respx.MockRouter,
+) -> None:
     route = api.post(SUBMIT).mock(
         side_effect=[error(429, "RATE_LIMIT_EXCEEDED", **{"Retry-After": "1"}), ok_submit()]
     )
-    client, sleeps = make_client()
+    limiter = WeightedRateLimiter(None, max_pause=0.05)
+    client, sleeps = make_client(rate_limiter=limiter)
     async with client:
-        with pytest.raises(RateLimitError) as caught:
-            await client._submit(REQUEST, None, retry_429=False)
-    assert caught.value.retry_after == 1.0
-    assert route.call_count == 1
-    assert sleeps == []
+        assert await client.submit_txt2img(REQUEST) == TASK_ID
+    assert route.call_count == 2
+    assert sleeps == [0.0]  # no backoff of its own: the limiter paused (Retry-After, capped)
+    assert limiter.rate_limited == 1
+    assert limiter.per_minute is not None  # it slowed down from unpaced
 
 
 UNCERTAIN: list[tuple[Any, type[Exception]]] = [

@@ -30,6 +30,7 @@ from novita_async import (
 )
 from novita_async._transport import (
     DEFAULT_TIMEOUT,
+    NOT_GIVEN,
     Transport,
     _Secret,
     parse_retry_after,
@@ -41,11 +42,16 @@ KEY = "sk_test_0123456789abcdef"
 API = "https://api.novita.ai"
 
 
+def read(response: httpx.Response) -> Any:
+    """What the request loop makes of an answer it has read whole."""
+    return _transport._read(response, response.content)
+
+
 def make_transport(**overrides: Any) -> Transport:
     options: dict[str, Any] = {
         "api_key": KEY,
         "base_url": API,
-        "timeout": DEFAULT_TIMEOUT,
+        "timeout": NOT_GIVEN,
         "retry": RetryPolicy(),
         "http_client": None,
         "transport": None,
@@ -305,7 +311,7 @@ def test_2xx_envelope_with_nonzero_code_is_an_error(
     body: dict[str, Any], cls: type[APIStatusError], status: int, reason: str
 ) -> None:
     with pytest.raises(APIStatusError) as caught:
-        _transport._read(response(200, body))
+        read(response(200, body))
     error = caught.value
     assert type(error) is cls
     assert error.status_code == status
@@ -327,13 +333,13 @@ def test_2xx_envelope_with_nonzero_code_is_an_error(
     ],
 )
 def test_2xx_json_without_error_code_is_returned(body: Any) -> None:
-    assert _transport._read(response(200, json.dumps(body))) == body
+    assert read(response(200, json.dumps(body))) == body
 
 
 @pytest.mark.parametrize("content", [b"", b"<html>", b"{'single': 'quotes'}", b"\xff\xfe", b"{"])
 def test_2xx_non_json_is_malformed(content: bytes) -> None:
     with pytest.raises(MalformedResponseError):
-        _transport._read(response(200, content))
+        read(response(200, content))
 
 
 # --------------------------------------------------------------------------- signing

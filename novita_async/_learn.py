@@ -1,0 +1,187 @@
+"""How long tasks take: the duration learner behind the poll scheduler.
+
+The scheduler feeds it one sample per finished task (submission to completion on
+the local clock, from Novita's ``debug_info`` timestamps or from a probe's
+``eta``) and asks it when to poll a task first and, after an unfinished answer
+without ``eta``, when to poll next. It keeps two bounded windows (seconds, and
+seconds per unit of request cost) and predicts with the one whose relative
+spread is smaller. Pure computation: no I/O, no clock of its own.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+
+from ._models import TaskResult
+
+__all__ = ["MAX_SECONDS", "Learner", "Window"]
+
+#: The latency guard keeps this fraction of first polls at most ``latency_budget`` late.
+_GUARD_QUANTILE = 0.05
+#: A task slower than this fraction of the samples is polled with a plain backoff.
+_TAIL = 0.98
+#: Extrapolation beyond the samples uses the mean of this many edge spacings.
+_EDGE_SPACINGS = 3
+#: The cost model must cut the relative spread of durations below this fraction of the raw one.
+_COST_MODEL_GAIN = 0.8
+#: Longest duration / eta taken at face value (larger ones are not seconds).
+MAX_SECONDS = 86_400.0
+#: Recent ``server submit time - local submit time`` values (server clock offset).
+_CLOCK_SAMPLES = 32
+
+
+def _stderr(q: float, n: int) -> float:
+    """Standard error of an empirical ``q``-quantile's coverage from ``n`` samples."""
+    return math.sqrt(q * (1 - q) / n)
+
+
+class Window:
+    """The last ``size`` samples of one quantity, also kept sorted (for quantiles)."""
+
+    __slots__ = ("_sorted", "_values")
+
+    def __init__(self, size: int) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, value: float) -> None:
+        if len(self._values) == self._values.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._values[0])]
+        self._values.append(value)
+        bisect.insort(self._sorted, value)
+
+    def quantile(self, q: float) -> float:
+        """Quantile at plotting position q(n+1); beyond the samples, extrapolated."""
+        ordered = self._sorted
+        last = len(ordered) - 1
+        if last == 0:
+            return ordered[0]
+        pos = q * (last + 2) - 1
+        k = min(_EDGE_SPACINGS, last)
+        if pos < 0:  # the smallest sample overstates a low quantile: step below it
+            return max(0.0, ordered[0] + pos * (ordered[k] - ordered[0]) / k)
+        if pos > last:
+            return ordered[last] + (pos - last) * (ordered[last] - ordered[last - k]) / k
+        i = int(pos)
+        if i == last:
+            return ordered[last]
+        return ordered[i] + (ordered[i + 1] - ordered[i]) * (pos - i)
+
+    def fraction_below(self, value: float) -> float:
+        """Empirical CDF at ``value`` (plotting positions, as :meth:`quantile`)."""
+        return bisect.bisect_right(self._sorted, value) / (len(self._sorted) + 1)
+
+    def spread(self, lo: float, hi: float) -> float:
+        """log(hi-quantile / lo-quantile): relative dispersion, scale-free."""
+        low = self.quantile(lo)
+        return math.log(self.quantile(hi) / low) if low > 0 else math.inf
+
+
+class Learner:
+    """Learns how long tasks take, from submission to completion (local clock).
+
+    Samples come from Novita's ``debug_info`` timestamps of finished tasks
+    (shifted onto the local clock by the smallest recent offset between the two
+    clocks, so the submission lag is included) or from the ``eta`` of probe
+    polls. Two windows are kept: seconds, and seconds per unit of cost; the one
+    with the smaller relative spread predicts. Memory is bounded by the windows.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int,
+        warmup: int,
+        quantile: float,
+        latency_budget: float | None,
+    ) -> None:
+        self.warmup = warmup
+        self.quantile = quantile
+        self.latency_budget = latency_budget
+        self.raw = Window(window)
+        self.per_cost = Window(window)
+        self._offsets: deque[float] = deque(maxlen=_CLOCK_SAMPLES)
+        self.probes_out = 0
+        self.eta_supported: bool | None = None
+
+    @property
+    def warm(self) -> bool:
+        return len(self.raw) >= self.warmup
+
+    def _model(self, cost: float | None) -> tuple[Window, float, float, float]:
+        """(window, scale, low quantile, high quantile) that predict a task of ``cost``.
+
+        Quantiles are widened by one standard error while samples are few.
+        Durations are scaled by ``cost`` when that clearly shrinks their
+        relative spread (i.e. when cost predicts the duration).
+        """
+        n = len(self.raw)
+        hi = min(0.99, self.quantile + _stderr(self.quantile, n))
+        lo = max(0.0, _GUARD_QUANTILE - _stderr(_GUARD_QUANTILE, n))
+        if (
+            cost is not None
+            and len(self.per_cost) >= self.warmup
+            and self.per_cost.spread(lo, hi) < _COST_MODEL_GAIN * self.raw.spread(lo, hi)
+        ):
+            return self.per_cost, cost, lo, hi
+        return self.raw, 1.0, lo, hi
+
+    def first_poll(self, cost: float | None) -> float | None:
+        """Seconds after submission to poll first, or ``None`` while nothing is known.
+
+        The ``first_poll_quantile`` of the durations, but at most
+        ``latency_budget`` after their 5 % quantile.
+        """
+        if not self.warm:
+            return None
+        window, scale, lo, hi = self._model(cost)
+        offset = scale * window.quantile(hi)
+        if self.latency_budget is not None:
+            offset = min(offset, scale * window.quantile(lo) + self.latency_budget)
+        return max(offset, 0.0)
+
+    def next_poll(self, elapsed: float, cost: float | None) -> float | None:
+        """After an unfinished answer without eta, ``elapsed`` s after submission:
+        seconds after submission to poll next, from the durations of the tasks
+        that took longer. ``None`` when nothing is known or the task is slower
+        than almost every sample.
+        """
+        if not self.warm:
+            return None
+        window, scale, _, _ = self._model(cost)
+        done = window.fraction_below(elapsed / scale)
+        if done >= _TAIL:
+            return None
+        return scale * window.quantile(done + (1 - done) * self.quantile)
+
+    def wants_probe(self) -> bool:
+        return self.eta_supported is not False and self.probes_out + len(self.raw) < self.warmup
+
+    def from_timestamps(self, result: TaskResult, submitted_at: float | None) -> float | None:
+        """Submission-to-completion seconds from the server's timestamps, if any."""
+        info = result.extra.debug_info
+        if info is None or not info.submit_time_ms or not info.complete_time_ms:
+            return None
+        submitted = info.submit_time_ms / 1000
+        duration = info.complete_time_ms / 1000 - submitted
+        if not 0 <= duration <= MAX_SECONDS:
+            return None
+        if submitted_at is None:
+            return duration
+        self._offsets.append(submitted - submitted_at)
+        return duration + self._offsets[-1] - min(self._offsets)
+
+    def add(self, seconds: float, cost: float | None) -> bool:
+        """Learn one duration; ``True`` when it made the learner warm."""
+        if not 0 <= seconds <= MAX_SECONDS:
+            return False
+        was_warm = self.warm
+        self.raw.add(seconds)
+        if cost is not None:
+            self.per_cost.add(seconds / cost)
+        return self.warm and not was_warm

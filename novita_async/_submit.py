@@ -1,0 +1,171 @@
+"""The Submitter: everything about one paid POST.
+
+Every task-creating request of a client (``submit_txt2img``, ``txt2img`` and
+each prompt of a batch) goes through :meth:`Submitter.submit`:
+
+1. validation (:func:`~novita_async._models.check_submission`), before any I/O;
+2. pacing: the request's quota ``weight`` is admitted by the client-wide rate
+   limiter (``AsyncNovita(rate_limiter=...)``) and by the batch's one, if any;
+3. the transport's one request loop and its one retry decision: *created*
+   (a task id: returned), *certainly not created* (never sent, 429, 503:
+   refunded, then paced and sent again), *uncertain* (the body may have
+   reached Novita: :class:`~novita_async.SubmissionUncertainError`, never
+   resent), or refused (a 4xx: raised as is);
+4. the journal, when a batch has one: ``submitting`` is durable before the
+   bytes go, the task id right after the answer, inside the same shield.
+
+The Submitter is endpoint-agnostic: a request model names its ``endpoint``
+(a v3 async path), its quota ``weight`` and its body (via the converter).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ._convert import request_body, submit_task_id
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    InvalidRequestError,
+    NovitaError,
+    RateLimitError,
+    SubmissionUncertainError,
+)
+from ._models import Extra, Txt2ImgRequest, check_submission
+from ._transport import Decision, Transport, Uncertain
+
+if TYPE_CHECKING:
+    from ._journal import AsyncJournal
+
+__all__ = ["RateLimiter", "Submitter"]
+
+logger = logging.getLogger("novita_async")
+
+
+class RateLimiter(Protocol):
+    """The interface of :class:`~novita_async.WeightedRateLimiter` the engine uses."""
+
+    async def acquire(self, weight: float = 1) -> Any: ...
+
+    def refund(self, admission: Any) -> None: ...
+
+    def on_rate_limited(
+        self, retry_after: float | None = None, admission: Any = None
+    ) -> None: ...
+
+
+class _Attempts:
+    """One submission's hooks into the transport's request loop."""
+
+    __slots__ = ("admissions", "index", "journal", "limiters", "weight")
+
+    def __init__(
+        self,
+        weight: int,
+        limiters: tuple[RateLimiter, ...],
+        journal: AsyncJournal | None,
+        index: int,
+    ) -> None:
+        self.weight = weight
+        self.limiters = limiters
+        self.journal = journal
+        self.index = index
+        self.admissions: list[tuple[RateLimiter, Any]] = []
+
+    async def admit(self) -> None:
+        self.admissions = []
+        try:
+            for limiter in self.limiters:
+                self.admissions.append((limiter, await limiter.acquire(self.weight)))
+        except BaseException:  # cancelled while waiting: give back what was taken
+            self._refund()
+            raise
+
+    async def sending(self) -> None:
+        if self.journal is not None:
+            await self.journal.mark_submitting(self.index)
+
+    async def accepted(self, task_id: str) -> None:
+        if self.journal is not None:
+            await self.journal.mark_submitted(self.index, task_id)
+
+    async def refused(self, error: NovitaError, decision: Decision) -> float | None:
+        """Account for a failed attempt; a delay that replaces the backoff, or None."""
+        paced = bool(self.admissions)
+        if isinstance(error, RateLimitError):
+            for limiter, admission in self.admissions:
+                limiter.on_rate_limited(error.retry_after, admission)
+        elif decision != "uncertain" and _never_created(error):
+            self._refund()
+        journal = self.journal
+        if journal is not None:
+            if decision == "uncertain":
+                await journal.mark_uncertain(self.index, str(error))
+            elif decision == "retry":  # certainly no task: a crash now must not look uncertain
+                await journal.mark_rejected(self.index, f"{error} (retrying)")
+            else:
+                await journal.mark_rejected(self.index, str(error))
+        if isinstance(error, RateLimitError) and paced:
+            return 0.0  # the limiters pause for Retry-After themselves
+        return None
+
+    def _refund(self) -> None:
+        for limiter, admission in self.admissions:
+            limiter.refund(admission)
+        self.admissions = []
+
+
+def _never_created(error: NovitaError) -> bool:
+    """Of the errors that are not uncertain: those that cost no quota (refunded)."""
+    if isinstance(error, APIStatusError):
+        return error.status_code == 503
+    return isinstance(error, APIConnectionError)
+
+
+class Submitter:
+    """Validates, paces and sends task-creating requests; see the module docstring."""
+
+    def __init__(self, transport: Transport, *, rate_limiter: RateLimiter | None = None) -> None:
+        self._transport = transport
+        self.rate_limiter = rate_limiter
+
+    def __repr__(self) -> str:
+        return f"<Submitter rate_limiter={self.rate_limiter!r}>"
+
+    async def submit(
+        self,
+        request: Txt2ImgRequest,
+        extra: Extra | None = None,
+        *,
+        limiter: RateLimiter | None = None,
+        journal: AsyncJournal | None = None,
+        index: int = -1,
+    ) -> str:
+        """Create one task and return its id; see the module docstring for the rules.
+
+        ``limiter`` paces this submission on top of the client's limiter;
+        ``journal`` and ``index`` record it (a batch's prompt).
+        """
+        check_submission(request, extra)
+        body = request_body(request, extra)
+        limiters = tuple(x for x in (limiter, self.rate_limiter) if x is not None)
+        attempts = _Attempts(request.weight, limiters, journal, index)
+        try:
+            task_id: str = await self._transport.request(
+                "POST", request.endpoint, json_body=body, parse=submit_task_id, attempts=attempts
+            )
+        except Uncertain as exc:
+            cause = exc.cause
+        except InvalidRequestError:
+            attempts._refund()
+            raise
+        else:
+            return task_id
+        raise SubmissionUncertainError(
+            f"{request.endpoint} submission outcome unknown ({cause}); a task may have been "
+            "created and billed, so it was not retried",
+            request=request,
+            extra=extra,
+            cause=cause,
+        ) from cause
