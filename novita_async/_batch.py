@@ -384,7 +384,11 @@ class _Engine:
     async def _wait_one(self, entry: _Entry) -> None:
         task_id = entry.task_id
         assert task_id is not None
-        hint = PollHint(submitted_at=entry.submitted_at, cost=entry.request.cost)
+        hint = PollHint(
+            submitted_at=entry.submitted_at,
+            cost=entry.request.cost,
+            webhook=self.submitter.webhooked(self.extra),
+        )
         journal = self.journal
         try:
             result = await self.scheduler.wait(task_id, timeout=self.timeout, hint=hint)

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import httpx
 
 from ._batch import (
@@ -29,6 +30,7 @@ from ._models import Extra, Image, Model, TaskResult, Txt2ImgRequest
 from ._poller import PollHint, PollPolicy, PollScheduler
 from ._submit import RateLimiter, Submitter
 from ._transport import NOT_GIVEN, NotGiven, RetryPolicy, Transport
+from ._webhooks import WebhookBody, WebhookRelay, receive_webhook
 
 if TYPE_CHECKING:
     from ._journal import AsyncJournal, Journal
@@ -95,6 +97,14 @@ class AsyncNovita:
       interface, e.g. a Redis-shared one) that paces EVERY submission of this
       client, so many single :meth:`txt2img` calls stay inside the account's
       images-per-minute quota too. Default: unpaced.
+    * ``webhook_url``: your app's public URL for Novita's deliveries. Every
+      submission then carries ``extra.webhook.url`` (unless your ``Extra``
+      sets its own), your route hands each delivery to
+      :meth:`receive_webhook`, and waits are driven by deliveries: one
+      confirming GET per task, polls only when a delivery is clearly late.
+    * ``webhook_relay``: with several replicas behind a load balancer, passes
+      a delivery to the replica that waits on its task (e.g.
+      ``novita_async.redis.RedisWebhookRelay``).
     """
 
     def __init__(
@@ -111,6 +121,8 @@ class AsyncNovita:
         retry_policy: RetryPolicy | None = None,
         poll_policy: PollPolicy | None = None,
         rate_limiter: RateLimiter | None = None,
+        webhook_url: str | None = None,
+        webhook_relay: WebhookRelay | None = None,
     ) -> None:
         api_key = api_key if api_key is not None else os.environ.get("NOVITA_API_KEY")
         if not api_key:
@@ -133,13 +145,19 @@ class AsyncNovita:
             transport=transport,
             max_connections=max_connections,
         )
-        self._submitter = Submitter(self._transport, rate_limiter=rate_limiter)
+        self._submitter = Submitter(
+            self._transport, rate_limiter=rate_limiter, webhook_url=webhook_url
+        )
+        self._relay = webhook_relay
         self._scheduler = PollScheduler(
             self.get_task_result,
             max_concurrent_polls=max_concurrent_polls,
             policy=poll_policy if poll_policy is not None else PollPolicy(),
         )
-        self._host = TaskHost(self._scheduler.run)
+        services = [self._scheduler.run]
+        if webhook_relay is not None:
+            services.append(self._serve_relay)
+        self._host = TaskHost(*services)
 
     def __repr__(self) -> str:
         return f"AsyncNovita(base_url={str(self._transport.base_url).rstrip('/')!r})"
@@ -230,6 +248,35 @@ class AsyncNovita:
         self._check_running("AsyncNovita.wait")
         return await self._scheduler.wait(task_id, timeout=timeout)
 
+    async def receive_webhook(self, body: WebhookBody) -> TaskResult | None:
+        """Hand over one webhook delivery (raw bytes, text or the parsed mapping) from
+        your route, then answer Novita with a 2xx.
+
+        The body is never trusted (deliveries are unsigned). For a task this
+        client waits on, one GET confirms it and every waiter of that task gets
+        the confirmed result at once; duplicates cost nothing. A delivery for
+        a task nobody here waits on costs no request (it goes to the
+        ``webhook_relay``, if any). A forged "succeeded" for a running task
+        resolves nothing. Returns the confirmed result (SUCCEED or FAILED), or
+        ``None`` when nothing was confirmed.
+        """
+        self._check_running("AsyncNovita.receive_webhook")
+        return await receive_webhook(self._scheduler, self._relay, body)
+
+    async def _serve_relay(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Deliveries other replicas received for tasks that this one waits on."""
+        relay = self._relay
+        assert relay is not None
+        task_status.started()
+
+        async def deliver(task_id: str, body: bytes) -> None:
+            if self._scheduler.is_tracking(task_id):
+                self._host.start_soon(self._scheduler.confirm, task_id)
+
+        await relay.serve(deliver)
+
     async def txt2img(
         self,
         request: Txt2ImgRequest,
@@ -241,7 +288,11 @@ class AsyncNovita:
         self._check_running("AsyncNovita.txt2img")
         submitted_at = anyio.current_time()
         task_id = await self._submitter.submit(request, extra)
-        hint = PollHint(submitted_at=submitted_at, cost=request.cost)
+        hint = PollHint(
+            submitted_at=submitted_at,
+            cost=request.cost,
+            webhook=self._submitter.webhooked(extra),
+        )
         try:
             return await self._scheduler.wait(task_id, timeout=timeout, hint=hint)
         except anyio.get_cancelled_exc_class():

@@ -67,7 +67,7 @@ def _optional_nonneg(_: object, attribute: attrs.Attribute[Any], value: float | 
         raise ValueError(f"{attribute.name} must be None or >= 0, got {value!r}")
 
 
-Plan = Literal["now", "probe", "probed", "cold", "learned"]
+Plan = Literal["now", "probe", "probed", "cold", "learned", "webhook"]
 
 
 @attrs.frozen(kw_only=True)
@@ -93,6 +93,10 @@ class PollPolicy:
       may come that much early). A task whose answers stay malformed (the
       transport's retries included) ``max_malformed`` polls in a row ends with
       :class:`~novita_async.MalformedResponseError`.
+    * With webhooks (``AsyncNovita(webhook_url=...)``) a task is not polled
+      until its delivery is clearly late: at ``1.25 x`` the learned 99 %
+      quantile of submission-to-delivery times plus ``webhook_grace``
+      (``webhook_cold_delay`` after submission while nothing is learned).
     """
 
     min_interval: float = attrs.field(default=0.2, validator=_nonneg)
@@ -110,6 +114,8 @@ class PollPolicy:
     max_pause: float = attrs.field(default=60.0, validator=_nonneg)
     tick_coalesce: float = attrs.field(default=0.02, validator=_nonneg)
     max_malformed: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    webhook_grace: float = attrs.field(default=1.0, validator=_nonneg)
+    webhook_cold_delay: float = attrs.field(default=20.0, validator=_nonneg)
 
     def __attrs_post_init__(self) -> None:
         if self.min_interval > self.max_interval:
@@ -148,6 +154,9 @@ class PollStats:
     max_polls_per_tick: int = 0
     waits: int = 0
     heap_pushes: int = 0
+    webhooks_received: int = 0
+    webhooks_confirmed: int = 0
+    webhooks_unknown: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     probes: int = 0
@@ -175,11 +184,13 @@ class PollHint:
     """What the caller knows about a task it waits for.
 
     ``submitted_at``: ``anyio.current_time()`` taken just before the POST;
-    ``cost``: :attr:`Txt2ImgRequest.cost` (relative GPU work).
+    ``cost``: :attr:`Txt2ImgRequest.cost` (relative GPU work); ``webhook``:
+    the task was submitted with a webhook, so polls are held back.
     """
 
     submitted_at: float | None = None
     cost: float | None = None
+    webhook: bool = False
 
 
 # --------------------------------------------------------------------------- entries
@@ -191,6 +202,7 @@ class _Entry:
     __slots__ = (
         "answered",
         "backoff",
+        "confirming",
         "cost",
         "created_at",
         "done",
@@ -205,13 +217,16 @@ class _Entry:
         "plan",
         "polling",
         "polls",
+        "recheck",
         "result",
+        "resume_at",
         "sampled",
         "scope",
         "sent",
         "submitted_at",
         "task_id",
         "waiters",
+        "webhook",
     )
 
     def __init__(self, task_id: str, now: float, backoff: float) -> None:
@@ -238,6 +253,10 @@ class _Entry:
         self.dropped = False
         self.result: TaskResult | None = None
         self.error: Exception | None = None
+        self.webhook = False  # submitted with a webhook: polls held back
+        self.confirming: anyio.Event | None = None  # a delivery waits for a poll's answer
+        self.recheck = False  # a delivery came while a GET was on the wire: poll once more
+        self.resume_at: float | None = None  # the plan a delivery's poll interrupted
 
     @property
     def live(self) -> bool:
@@ -250,6 +269,7 @@ class _Entry:
             self.submitted_at = min(submitted, now)
         if self.cost is None and cost is not None and math.isfinite(cost) and cost > 0:
             self.cost = float(cost)
+        self.webhook = self.webhook or hint.webhook
 
 
 def _eta(result: TaskResult) -> float | None:
@@ -289,6 +309,10 @@ class PollScheduler:
             quantile=policy.first_poll_quantile,
             latency_budget=policy.latency_budget,
         )
+        #: Submission-to-delivery times of webhooks (when a delivery is late).
+        self._deliveries = Learner(
+            window=policy.learning_window, warmup=5, quantile=0.99, latency_budget=None
+        )
         self._paused_until = -math.inf
         self._stats = PollStats()
         self._seq = 0
@@ -318,6 +342,11 @@ class PollScheduler:
     @property
     def running(self) -> bool:
         return self._send is not None
+
+    def is_tracking(self, task_id: str) -> bool:
+        """Someone here waits on ``task_id`` (and its result is not known yet)."""
+        entry = self._entries.get(task_id)
+        return entry is not None and entry.live
 
     def predict_first_poll(self, cost: float | None = None) -> float | None:
         """Seconds after submission the first poll would come now (``None``: not learned yet)."""
@@ -394,6 +423,8 @@ class PollScheduler:
                         entry.scope = scope
                         answered = await self._poll(entry)
                 entry.scope, entry.polling = None, False
+                if answered and entry.confirming is not None:
+                    self._confirmed(entry)
                 if entry.live:
                     if not answered:  # paused before an answer: due again when the pause ends
                         entry.next_at = min(entry.next_at, anyio.current_time())
@@ -448,7 +479,9 @@ class PollScheduler:
             entry.absorb(hint, now)
         submitted = entry.submitted_at
         learner = self._learner
-        if submitted is not None:
+        if submitted is not None and entry.webhook:
+            entry.plan, entry.next_at = "webhook", submitted + self._safety_offset(entry.cost)
+        elif submitted is not None:
             offset = learner.first_poll(entry.cost)
             if offset is not None:
                 entry.plan, entry.next_at = "learned", submitted + offset
@@ -469,9 +502,56 @@ class PollScheduler:
             entry.dropped = True
             if entry.scope is not None:
                 entry.scope.cancel()  # its poll in flight: cancelled, the answer ignored
+            if entry.confirming is not None:
+                self._confirmed(entry)
             self._settle_probe(entry)
             self._forget(entry)
             self._stats.tasks_abandoned += 1
+
+    async def confirm(self, task_id: str) -> TaskResult | None:
+        """A webhook says ``task_id`` ended: poll it now (once, whatever the number of
+        deliveries) and return its result if that poll finds it finished.
+
+        A task nobody here waits on costs no request (``None``). A poll that
+        finds the task still running (a forged or early delivery) returns
+        ``None`` and the task keeps its schedule.
+        """
+        entry = self._entries.get(task_id)
+        stats = self._stats
+        if entry is None or not entry.live or self._send is None:
+            stats.webhooks_unknown += 1
+            return None
+        stats.webhooks_received += 1
+        arrived = anyio.current_time()
+        if entry.confirming is None:
+            entry.confirming = anyio.Event()
+            entry.resume_at = entry.next_at
+            if entry.scope is not None:  # a GET on the wire may predate the delivery
+                entry.recheck = True
+            elif not entry.polling:
+                entry.next_at = arrived
+                self._schedule(entry)
+        await entry.confirming.wait()
+        if not entry.done or entry.result is None:
+            return None
+        if entry.webhook and entry.submitted_at is not None:
+            self._deliveries.add(arrived - entry.submitted_at, entry.cost)
+        return entry.result
+
+    def _confirmed(self, entry: _Entry) -> None:
+        """After a poll's answer: settle the delivery waiting for it (or poll once more)."""
+        if entry.recheck and entry.live:
+            entry.recheck = False
+            entry.next_at = anyio.current_time()
+            return
+        event, entry.confirming = entry.confirming, None
+        entry.recheck = False
+        if entry.live and entry.resume_at is not None:
+            entry.next_at = max(entry.next_at, entry.resume_at)  # a forgery moves nothing
+        entry.resume_at = None
+        if event is not None:
+            self._stats.webhooks_confirmed += 1
+            event.set()
 
     @staticmethod
     def _outcome(entry: _Entry) -> TaskResult:
@@ -485,11 +565,23 @@ class PollScheduler:
 
     # ------------------------------------------------------------------ scheduling
 
+    def _safety_offset(self, cost: float | None) -> float:
+        """Seconds after submission when a webhook task's delivery is clearly late."""
+        late = self._deliveries.first_poll(cost)
+        if late is None:
+            return self.policy.webhook_cold_delay
+        return 1.25 * late + self.policy.webhook_grace
+
     def _replan(self, entry: _Entry) -> float:
         """Re-plan a first poll with what was learned since; return when it is due.
 
-        A cold plan moves either way, a learned one only later.
+        A cold plan moves either way, a learned one only later; a webhook task's
+        safety poll follows what is known of deliveries.
         """
+        if entry.plan == "webhook":
+            if entry.sent == 0 and entry.submitted_at is not None and entry.confirming is None:
+                entry.next_at = entry.submitted_at + self._safety_offset(entry.cost)
+            return entry.next_at
         if entry.sent == 0 and entry.plan in ("cold", "learned") and self._learner.warm:
             offset = self._learner.first_poll(entry.cost)
             if offset is not None and entry.submitted_at is not None:
@@ -696,6 +788,8 @@ class PollScheduler:
                 stats.tasks_failed += 1
             stats.poll_histogram[entry.polls] = stats.poll_histogram.get(entry.polls, 0) + 1
         entry.event.set()
+        if entry.confirming is not None:
+            self._confirmed(entry)
 
     def _forget(self, entry: _Entry) -> None:
         entry.heap_seq = -1  # its heap items are stale now

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
+
 from ._convert import request_body, submit_task_id
 from ._errors import (
     APIConnectionError,
@@ -32,7 +34,7 @@ from ._errors import (
     RateLimitError,
     SubmissionUncertainError,
 )
-from ._models import Extra, Txt2ImgRequest, check_submission
+from ._models import Extra, Txt2ImgRequest, Webhook, check_submission
 from ._transport import Decision, Transport, Uncertain
 
 if TYPE_CHECKING:
@@ -50,9 +52,7 @@ class RateLimiter(Protocol):
 
     def refund(self, admission: Any) -> None: ...
 
-    def on_rate_limited(
-        self, retry_after: float | None = None, admission: Any = None
-    ) -> None: ...
+    def on_rate_limited(self, retry_after: float | None = None, admission: Any = None) -> None: ...
 
 
 class _Attempts:
@@ -126,12 +126,23 @@ def _never_created(error: NovitaError) -> bool:
 class Submitter:
     """Validates, paces and sends task-creating requests; see the module docstring."""
 
-    def __init__(self, transport: Transport, *, rate_limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        rate_limiter: RateLimiter | None = None,
+        webhook_url: str | None = None,
+    ) -> None:
         self._transport = transport
         self.rate_limiter = rate_limiter
+        self._webhook = Webhook(url=webhook_url) if webhook_url is not None else None
 
     def __repr__(self) -> str:
         return f"<Submitter rate_limiter={self.rate_limiter!r}>"
+
+    def webhooked(self, extra: Extra | None) -> bool:
+        """Whether a submission with ``extra`` carries the client's own webhook."""
+        return self._webhook is not None and (extra is None or extra.webhook is None)
 
     async def submit(
         self,
@@ -148,6 +159,8 @@ class Submitter:
         ``journal`` and ``index`` record it (a batch's prompt).
         """
         check_submission(request, extra)
+        if self.webhooked(extra):  # the caller's own Extra.webhook wins
+            extra = attrs.evolve(extra if extra is not None else Extra(), webhook=self._webhook)
         body = request_body(request, extra)
         limiters = tuple(x for x in (limiter, self.rate_limiter) if x is not None)
         attempts = _Attempts(request.weight, limiters, journal, index)

@@ -1,5 +1,11 @@
 """Webhooks: parse Novita's deliveries and confirm them against the API.
 
+With ``AsyncNovita(webhook_url=...)`` the client's own waits are driven by
+deliveries: :func:`receive_webhook` (behind ``client.receive_webhook``) hands a
+delivery for a task this client waits on to the poll scheduler, whose one GET
+confirms it for every waiter; a delivery for any other task costs no request
+(with a :class:`WebhookRelay` it is passed to the replica that waits on it).
+
 Novita POSTs ``{"event_type": "ASYNC_TASK_RESULT", "payload": <task-result>}``
 when a task finishes and retries (up to 5 times) on timeouts or non-2xx. The
 deliveries are not signed, so :class:`WebhookVerifier` never trusts the body:
@@ -10,9 +16,10 @@ answer, once per task (retries and concurrent duplicates return ``None``).
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import anyio
 
@@ -22,8 +29,18 @@ from ._models import TaskResult, WebhookEvent
 
 if TYPE_CHECKING:
     from ._client import AsyncNovita
+    from ._poller import PollScheduler
 
-__all__ = ["ASYNC_TASK_RESULT", "WebhookVerifier", "parse_webhook"]
+__all__ = [
+    "ASYNC_TASK_RESULT",
+    "WebhookRelay",
+    "WebhookVerifier",
+    "parse_webhook",
+    "raw_body",
+    "receive_webhook",
+]
+
+logger = logging.getLogger("novita_async")
 
 #: The only event type Novita documents; every other one is to be ignored.
 ASYNC_TASK_RESULT = "ASYNC_TASK_RESULT"
@@ -163,3 +180,48 @@ class WebhookVerifier:
             if expiry > now:
                 break
             del self._confirmed[task_id]
+
+
+# --------------------------------------------------------------------------- webhook-driven waits
+
+
+class WebhookRelay(Protocol):
+    """Passes deliveries between replicas (e.g. ``novita_async.redis.RedisWebhookRelay``).
+
+    A replica that gets a delivery for a task it does not wait on publishes it;
+    every replica's client runs :meth:`serve` in its task group and is handed
+    the deliveries the others published.
+    """
+
+    async def publish(self, task_id: str, body: bytes) -> None: ...
+
+    async def serve(self, deliver: Callable[[str, bytes], Awaitable[None]]) -> None: ...
+
+
+def raw_body(body: WebhookBody) -> bytes:
+    """The delivery as bytes (what a relay passes on)."""
+    if isinstance(body, Mapping):
+        return json.dumps(body, separators=(",", ":")).encode()
+    if isinstance(body, str):
+        return body.encode()
+    return bytes(body)
+
+
+async def receive_webhook(
+    scheduler: PollScheduler, relay: WebhookRelay | None, body: WebhookBody
+) -> TaskResult | None:
+    """Route one delivery; see :meth:`AsyncNovita.receive_webhook`."""
+    try:
+        event = parse_webhook(body)
+    except MalformedResponseError as exc:
+        logger.info("ignored a webhook delivery that is not one: %s", exc)
+        return None
+    if event.event_type != ASYNC_TASK_RESULT or event.payload is None:
+        return None
+    task_id = event.payload.task_id
+    if not scheduler.is_tracking(task_id):
+        scheduler.stats.webhooks_unknown += 1
+        if relay is not None:
+            await relay.publish(task_id, raw_body(body))
+        return None
+    return await scheduler.confirm(task_id)
