@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import anyio
 
-from ._emulator import DEFAULT_API_KEY, DurationSpec, NovitaEmulator
+from ._emulator import DEFAULT_API_KEY, NovitaEmulator
+from ._tasks import DurationSpec
 
 
 def _durations(text: str) -> DurationSpec:

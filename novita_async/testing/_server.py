@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from ._emulator import EmulatedReset, _Call, _Reply, parse_query
+from ._wire import Call, EmulatedReset, Reply, parse_query
 
 if TYPE_CHECKING:
     from .._client import AsyncNovita
@@ -159,7 +159,7 @@ class EmulatorServer:
             body = bytes(buffer[:length])
             del buffer[:length]
             path, _, query = target.partition("?")
-            call = _Call(
+            call = Call(
                 method,
                 urllib.parse.unquote(path),
                 parse_query(query),
@@ -244,7 +244,7 @@ def _keep_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
     return b"close" not in connection
 
 
-def _serialize(reply: _Reply, *, keep_alive: bool) -> bytes:
+def _serialize(reply: Reply, *, keep_alive: bool) -> bytes:
     body = reply.body
     lines = [f"HTTP/1.1 {reply.status} {_phrase(reply.status)}".encode()]
     lines += [f"{k}: {v}".encode("latin-1") for k, v in reply.headers.items()]
@@ -263,5 +263,5 @@ def _phrase(status: int) -> str:
 
 
 async def _send_plain(stream: anyio.abc.SocketStream, status: int, message: str) -> None:
-    reply = _Reply(status, {"content-type": "text/plain"}, message.encode())
+    reply = Reply(status, {"content-type": "text/plain"}, message.encode())
     await stream.send(_serialize(reply, keep_alive=False))
