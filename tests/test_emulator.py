@@ -952,15 +952,19 @@ def test_module_runs_standalone_and_stops_on_signal(stop: signal.Signals, backen
         "2",
         "--backend",
         backend,
+        "--api-key",
+        "my-local-key",
     ]
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:
         try:
             urls = json.loads(read_line(proc, 30))
-            assert set(urls) == {"base_url", "image_base_url"}
+            assert set(urls) == {"base_url", "image_base_url", "api_key"}
             assert urls["base_url"] != urls["image_base_url"]
-            with httpx.Client(base_url=urls["base_url"], headers=AUTH, timeout=10) as client:
+            assert urls["api_key"] == "my-local-key"  # the ready line says which key works
+            auth = {"Authorization": f"Bearer {urls['api_key']}"}
+            with httpx.Client(base_url=urls["base_url"], headers=auth, timeout=10) as client:
                 response = client.post("/v3/async/txt2img", json=body())
                 task_id = response.json()["task_id"]
                 status = client.get("/v3/async/task-result", params={"task_id": task_id})
@@ -973,6 +977,17 @@ def test_module_runs_standalone_and_stops_on_signal(stop: signal.Signals, backen
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_module_help_documents_the_key_and_the_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    from novita_async.testing.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert f"accepts one API key: {DEFAULT_API_KEY!r}" in text
+    assert f"NOVITA_API_KEY={DEFAULT_API_KEY} novita-async generate" in text
+    assert "--base-url http://127.0.0.1:8765" in text
 
 
 def test_module_rejects_bad_options() -> None:
