@@ -21,6 +21,7 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -107,6 +108,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--envelope", action="store_true", help="answer txt2img in the v2 envelope")
     p.add_argument(
+        "--webhooks",
+        action="store_true",
+        help="POST webhooks to each task's extra.webhook.url when it ends (default: off)",
+    )
+    p.add_argument(
+        "--webhook-delay",
+        type=_durations,
+        default=(0.05, 0.2),
+        metavar="FIXED[,RANDOM]",
+        help="seconds after a task ends: FIXED + uniform(0, RANDOM) (default: 0.05,0.2)",
+    )
+    p.add_argument(
+        "--webhook-duplicate-rate",
+        type=float,
+        default=0.0,
+        help="share of tasks delivered twice (default: %(default)s)",
+    )
+    p.add_argument(
+        "--webhook-loss-rate",
+        type=float,
+        default=0.0,
+        help="share of tasks never delivered (default: %(default)s)",
+    )
+    p.add_argument(
         "--backend",
         choices=("asyncio", "trio"),
         default="asyncio",
@@ -115,9 +140,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _webhook_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "delay": args.webhook_delay,
+        "duplicate_rate": args.webhook_duplicate_rate,
+        "loss_rate": args.webhook_loss_rate,
+        "seed": args.seed,
+    }
+
+
 async def _serve(emulator: NovitaEmulator, args: argparse.Namespace) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with emulator.serve(args.host, args.port, image_port=args.image_port) as server:
+        webhooks = _webhook_options(args) if args.webhooks else None
+        serving = emulator.serve(
+            args.host, args.port, image_port=args.image_port, webhooks=webhooks
+        )
+        async with serving as server:
             line = {
                 "base_url": server.base_url,
                 "image_base_url": server.image_base_url,
@@ -144,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             images_per_minute=args.images_per_minute,
             envelope=args.envelope,
         )
+        if args.webhooks:
+            emulator.webhooks(**_webhook_options(args))  # checks the options
     except ValueError as exc:
         parser.error(str(exc))
     anyio.run(_serve, emulator, args, backend=args.backend)

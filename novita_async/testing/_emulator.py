@@ -28,6 +28,7 @@ import anyio
 import httpx
 
 from ._catalogue import Catalogue, default_models
+from ._delivery import Deliver, WebhookSender, WebhookStats
 from ._faults import Fault, Faults, fault_reply
 from ._images import IMAGE_TYPES, ImageHost
 from ._quota import Quota
@@ -170,6 +171,9 @@ class NovitaEmulator:
         self.catalogue = Catalogue(default_models() if models is None else models)
         #: Called with each new task (the webhook sender listens here).
         self._on_create: list[Callable[[EmulatedTask], None]] = []
+        self._senders: list[WebhookSender] = []
+        #: Webhook deliveries, duplicates, losses, forgeries (see :meth:`webhooks`).
+        self.webhook_stats = WebhookStats()
 
         #: Every created task, by id.
         self.tasks: dict[str, EmulatedTask] = {}
@@ -291,17 +295,81 @@ class NovitaEmulator:
         return AsyncNovita(**kwargs)
 
     def serve(
-        self, host: str = "127.0.0.1", port: int = 0, *, image_port: int = 0
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        image_port: int = 0,
+        webhooks: Mapping[str, Any] | None = None,
     ) -> EmulatorServer:
         """Serve over real loopback sockets: ``async with emu.serve() as server``.
 
         The API listens on ``port`` and the image host on ``image_port`` (0 =
-        any free port), so images come from another origin. See
-        :class:`~novita_async.testing.EmulatorServer`.
+        any free port), so images come from another origin. ``webhooks`` (the
+        keyword arguments of :meth:`webhooks`, ``{}`` for the defaults) also
+        delivers webhooks over HTTP while the server runs (``server.webhooks``).
+        See :class:`~novita_async.testing.EmulatorServer`.
         """
         from ._server import EmulatorServer
 
-        return EmulatorServer(self, host=host, port=port, image_port=image_port)
+        return EmulatorServer(self, host=host, port=port, image_port=image_port, webhooks=webhooks)
+
+    def webhooks(
+        self,
+        *,
+        deliver: Deliver | None = None,
+        delay: float | tuple[float, float] = (0.05, 0.2),
+        duplicate_rate: float = 0.0,
+        loss_rate: float = 0.0,
+        retries: int = 5,
+        retry_delay: float = 1.0,
+        timeout: float = 5.0,
+        seed: int = 0,
+        image_base_url: str = IMAGE_BASE_URL,
+    ) -> WebhookSender:
+        """Deliver webhooks while ``async with emu.webhooks(...) as hooks:`` lasts.
+
+        When a task whose body had ``extra.webhook.url`` ends, its
+        ``ASYNC_TASK_RESULT`` event is POSTed there after ``delay`` seconds
+        (``fixed`` or ``(fixed, random)``: fixed + uniform(0, random)). A
+        non-2xx answer, an error or no answer within ``timeout`` is retried
+        after ``retry_delay``, up to ``retries`` times (Novita: 5, 5 s).
+        ``duplicate_rate`` delivers a task twice, ``loss_rate`` never (seeded
+        by ``seed``). ``deliver=None`` POSTs with an ``httpx.AsyncClient``;
+        ``deliver=async f(url, body) -> status`` delivers in-process (e.g. to
+        your app's receiver). ``hooks.forge(url, task_id, status=...)`` posts
+        a forgery. Counters: :attr:`webhook_stats`. Tasks created before the
+        block are delivered too.
+        """
+        return WebhookSender(
+            self,
+            deliver=deliver,
+            delay=delay,
+            duplicate_rate=duplicate_rate,
+            loss_rate=loss_rate,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            seed=seed,
+            image_base_url=image_base_url,
+        )
+
+    async def post_forgery(
+        self,
+        url: str,
+        task_id: str | None = None,
+        *,
+        status: str = "TASK_STATUS_SUCCEED",
+        reason: str = "",
+        images: list[dict[str, Any]] | None = None,
+        seed: str | None = None,
+    ) -> int | None:
+        """:meth:`WebhookSender.forge` on the running sender (RuntimeError if none runs)."""
+        if not self._senders:
+            raise RuntimeError("no webhook sender runs: use `async with emu.webhooks()`")
+        return await self._senders[-1].forge(
+            url, task_id, status=status, reason=reason, images=images, seed=seed
+        )
 
     # ------------------------------------------------------------- results, for webhooks too
 
