@@ -20,7 +20,7 @@ import anyio
 import httpx
 import pytest
 
-from novita_async import Txt2ImgRequest
+from novita_async import HiresFix, InvalidRequestError, Txt2ImgRequest
 from novita_async._convert import model as parse_model
 from novita_async._convert import task_result
 from novita_async.testing import (
@@ -311,6 +311,30 @@ async def test_invalid_bodies_get_400(emu: NovitaEmulator, bad: dict[str, Any]) 
     assert error_of(response) == (400, "INVALID_REQUEST_BODY")
     assert response.json()["message"]
     assert (emu.submissions, emu.tasks_created) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "model"),
+    [
+        ({"width": 99999}, lambda: Txt2ImgRequest(model_name=MODEL, prompt="p", width=99999)),
+        ({"seed": -2}, lambda: Txt2ImgRequest(model_name=MODEL, prompt="p", seed=-2)),
+        (
+            {"hires_fix": {"target_width": 5000, "target_height": 1024, "strength": 0.5}},
+            lambda: HiresFix(target_width=5000, target_height=1024, strength=0.5),
+        ),
+    ],
+)
+async def test_validation_says_what_the_models_say(
+    emu: NovitaEmulator, fields: dict[str, Any], model: Any
+) -> None:
+    """One source of truth: the emulator builds the request models, whose ranges decide."""
+    with pytest.raises(InvalidRequestError) as caught:
+        model()
+    why = str(caught.value).split(".", 1)[1]  # "width must be ...", as the model words it
+    async with api(emu) as client:
+        response = await client.post("/v3/async/txt2img", json=body(**fields))
+    assert error_of(response) == (400, "INVALID_REQUEST_BODY")
+    assert response.json()["message"].endswith(why)
 
 
 async def test_valid_optional_fields_and_non_json_body(emu: NovitaEmulator) -> None:
@@ -716,7 +740,7 @@ async def test_image_urls_are_signed(emu: NovitaEmulator, clock: ManualClock) ->
     missing_key = f"{task_id}/7.png"
     forged = httpx.URL(
         f"{IMAGE_BASE_URL}/{missing_key}",
-        params={"expires": "9999.000", "signature": emu._sign(missing_key, "9999.000")},
+        params={"expires": "9999.000", "signature": emu._images.sign(missing_key, "9999.000")},
     )
     async with httpx.AsyncClient(transport=emu.transport()) as plain:
         answers = [await plain.get(u) for u in (tampered, unsigned, forged)]
@@ -928,15 +952,19 @@ def test_module_runs_standalone_and_stops_on_signal(stop: signal.Signals, backen
         "2",
         "--backend",
         backend,
+        "--api-key",
+        "my-local-key",
     ]
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:
         try:
             urls = json.loads(read_line(proc, 30))
-            assert set(urls) == {"base_url", "image_base_url"}
+            assert set(urls) == {"base_url", "image_base_url", "api_key"}
             assert urls["base_url"] != urls["image_base_url"]
-            with httpx.Client(base_url=urls["base_url"], headers=AUTH, timeout=10) as client:
+            assert urls["api_key"] == "my-local-key"  # the ready line says which key works
+            auth = {"Authorization": f"Bearer {urls['api_key']}"}
+            with httpx.Client(base_url=urls["base_url"], headers=auth, timeout=10) as client:
                 response = client.post("/v3/async/txt2img", json=body())
                 task_id = response.json()["task_id"]
                 status = client.get("/v3/async/task-result", params={"task_id": task_id})
@@ -949,6 +977,17 @@ def test_module_runs_standalone_and_stops_on_signal(stop: signal.Signals, backen
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_module_help_documents_the_key_and_the_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    from novita_async.testing.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert f"accepts one API key: {DEFAULT_API_KEY!r}" in text
+    assert f"NOVITA_API_KEY={DEFAULT_API_KEY} novita-async generate" in text
+    assert "--base-url http://127.0.0.1:8765" in text
 
 
 def test_module_rejects_bad_options() -> None:

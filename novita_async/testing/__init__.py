@@ -29,8 +29,33 @@ sockets (works on asyncio and trio)::
             ...
 
 or from another process: ``python -m novita_async.testing --port 0 --durations 1,3``
-prints ``{"base_url": ..., "image_base_url": ...}`` as one JSON line and
-stops on SIGTERM/SIGINT.
+prints ``{"base_url": ..., "image_base_url": ..., "api_key": ...}`` as one JSON
+line and stops on SIGTERM/SIGINT.
+
+The emulator accepts exactly one API key, :data:`DEFAULT_API_KEY`
+(``"emulator-key"``) unless ``api_key=`` / ``--api-key`` says otherwise; any
+other key gets 403 ``INVALID_API_KEY``, like Novita. To run the CLI or your
+own app against the loopback emulator::
+
+    python -m novita_async.testing --port 8765 &     # add --webhooks to deliver them
+    NOVITA_API_KEY=emulator-key novita-async generate "a cat" \
+        --base-url http://127.0.0.1:8765 --out cats
+    # your app: AsyncNovita(api_key="emulator-key", base_url="http://127.0.0.1:8765")
+
+Webhooks: a task whose body has ``extra.webhook.url`` gets its
+``{"event_type": "ASYNC_TASK_RESULT", "payload": <task-result>}`` POSTed there
+when it ends, while a sender runs (it needs a task group)::
+
+    async with emu.webhooks(deliver=my_receiver, delay=(0.05, 0.2),
+                            duplicate_rate=0.2, loss_rate=0.05, seed=1) as hooks:
+        ...                                  # submit with Extra(webhook=Webhook(url=...))
+        await hooks.forge(url, task_id, status="TASK_STATUS_SUCCEED")  # a forgery
+    hooks.stats.sent, hooks.stats.duplicates, hooks.stats.lost, hooks.stats.per_task
+
+``deliver=None`` POSTs over HTTP (httpx); ``deliver=async f(url, body) -> status``
+delivers in-process. Non-2xx, errors and 5 s timeouts are retried up to 5 times,
+like Novita. ``emu.serve(webhooks={...})`` runs a sender with the server (image
+URLs then point at the loopback image host).
 
 Stepping time and injecting faults::
 
@@ -58,11 +83,12 @@ number, a callable of the POST JSON body or
 tasks 404 for a while, ``strict_models=True`` checks ``model_name`` against
 the ``GET /v3/model`` catalogue (:func:`default_models`).
 
-Limits: webhooks are not delivered (build their bodies with
-:meth:`NovitaEmulator.webhook_event`); only txt2img creates tasks; the
-in-process transport applies the request's *read* timeout to the whole answer.
+Images: PNGs are real pictures at the requested size, drawn from the task's
+seed; JPEG and WebP are tiny placeholders. Limits: only txt2img creates tasks;
+the in-process transport applies the request's *read* timeout to the whole answer.
 """
 
+from ._delivery import WebhookSender, WebhookStats
 from ._emulator import (
     API_BASE_URL,
     DEFAULT_API_KEY,
@@ -93,6 +119,8 @@ __all__ = [
     "ManualClock",
     "NovitaEmulator",
     "Proportional",
+    "WebhookSender",
+    "WebhookStats",
     "default_models",
     "request_cost",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import http
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +20,11 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from ._emulator import EmulatedReset, _Call, _Reply, parse_query
+from ._wire import Call, EmulatedReset, Reply, parse_query
 
 if TYPE_CHECKING:
     from .._client import AsyncNovita
+    from ._delivery import WebhookSender
     from ._emulator import NovitaEmulator
 
 __all__ = ["EmulatorServer"]
@@ -48,9 +49,18 @@ class EmulatorServer:
         base_url: the API's base URL, e.g. ``http://127.0.0.1:41234``.
         image_base_url: the image host's base URL (another port, another origin).
         connections: connections accepted so far (both listeners).
+        webhooks: the running :class:`WebhookSender` when served with ``webhooks=``.
     """
 
-    def __init__(self, emulator: NovitaEmulator, *, host: str, port: int, image_port: int) -> None:
+    def __init__(
+        self,
+        emulator: NovitaEmulator,
+        *,
+        host: str,
+        port: int,
+        image_port: int,
+        webhooks: Mapping[str, Any] | None = None,
+    ) -> None:
         self.emulator = emulator
         self.host = host
         self._ports = (port, image_port)
@@ -62,6 +72,8 @@ class EmulatorServer:
         self.connections = 0
         self._listeners: list[anyio.abc.Listener[anyio.abc.SocketStream]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._webhook_options = webhooks
+        self.webhooks: WebhookSender | None = None
 
     def __repr__(self) -> str:
         return f"<EmulatorServer {self.base_url or 'stopped'} images={self.image_base_url!r}>"
@@ -92,6 +104,17 @@ class EmulatorServer:
         except BaseException:
             await self._close_listeners()
             raise
+        if self._webhook_options is not None:
+            options = {"image_base_url": self.image_base_url, **self._webhook_options}
+            sender = self.emulator.webhooks(**options)
+            try:
+                await sender.__aenter__()
+            except BaseException:
+                task_group.cancel_scope.cancel()
+                await task_group.__aexit__(None, None, None)
+                await self._close_listeners()
+                raise
+            self.webhooks = sender
         self._task_group = task_group
         task_group.start_soon(api.serve, self._connection_handler(image=False))
         task_group.start_soon(image.serve, self._connection_handler(image=True))
@@ -106,7 +129,10 @@ class EmulatorServer:
         # The body's exception is not fed to the task group, so it propagates
         # unchanged (not wrapped in an exception group).
         task_group, self._task_group = self._task_group, None
+        sender, self.webhooks = self.webhooks, None
         try:
+            if sender is not None:
+                await sender.__aexit__(None, None, None)
             if task_group is not None:
                 task_group.cancel_scope.cancel()
                 await task_group.__aexit__(None, None, None)
@@ -159,7 +185,7 @@ class EmulatorServer:
             body = bytes(buffer[:length])
             del buffer[:length]
             path, _, query = target.partition("?")
-            call = _Call(
+            call = Call(
                 method,
                 urllib.parse.unquote(path),
                 parse_query(query),
@@ -244,7 +270,7 @@ def _keep_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
     return b"close" not in connection
 
 
-def _serialize(reply: _Reply, *, keep_alive: bool) -> bytes:
+def _serialize(reply: Reply, *, keep_alive: bool) -> bytes:
     body = reply.body
     lines = [f"HTTP/1.1 {reply.status} {_phrase(reply.status)}".encode()]
     lines += [f"{k}: {v}".encode("latin-1") for k, v in reply.headers.items()]
@@ -263,5 +289,5 @@ def _phrase(status: int) -> str:
 
 
 async def _send_plain(stream: anyio.abc.SocketStream, status: int, message: str) -> None:
-    reply = _Reply(status, {"content-type": "text/plain"}, message.encode())
+    reply = Reply(status, {"content-type": "text/plain"}, message.encode())
     await stream.send(_serialize(reply, keep_alive=False))
