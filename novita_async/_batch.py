@@ -25,6 +25,10 @@ running and are billed: they are logged as a warning and listed in
 :attr:`BatchRun.pending_task_ids`; with a journal, a rerun picks them up
 without paying again.
 
+An authentication or permission error, or an unreachable API before any task
+exists, ends the submissions: every prompt not sent yet becomes an item with
+that error, without a request.
+
 Pacing and retries belong to the client's Submitter (``_submit``): the run's
 limiter (``images_per_minute``) and the client's (``rate_limiter=``) both
 admit every POST. ``timeout`` bounds each task's wait for its result, from its
@@ -48,7 +52,10 @@ import anyio.abc
 import attrs
 
 from ._errors import (
+    APIConnectionError,
+    AuthenticationError,
     InvalidRequestError,
+    PermissionDeniedError,
     NovitaError,
     SubmissionUncertainError,
     TaskFailedError,
@@ -177,6 +184,7 @@ class _Engine:
         self.scope: anyio.CancelScope | None = None
         self.done = anyio.Event()
         self.submitted = 0
+        self.refusal: NovitaError | None = None  # the key or the API host is unusable
         self.thread = threading.get_ident()
 
     # ----------------------------------------------------------------- control
@@ -358,6 +366,9 @@ class _Engine:
 
     async def _submit_all(self, tg: anyio.abc.TaskGroup) -> None:
         while (entry := self._take()) is not None:
+            if self.refusal is not None:  # every POST would meet the same answer
+                self._deliver(entry, error=self.refusal)
+                continue
             entry.submitted_at = anyio.current_time()
             try:
                 task_id = await self.submitter.submit(
@@ -368,6 +379,10 @@ class _Engine:
                     index=entry.index,
                 )
             except NovitaError as exc:  # refused, uncertain, retries ran out: an item
+                if isinstance(exc, (AuthenticationError, PermissionDeniedError)) or (
+                    isinstance(exc, APIConnectionError) and not self.submitted
+                ):
+                    self.refusal = exc
                 self._deliver(entry, error=exc)
                 continue
             entry.task_id = task_id  # synchronously after the shielded POST: never lost

@@ -19,6 +19,7 @@ import trio
 from trio.testing import MockClock
 
 from novita_async import (
+    APIConnectionError,
     AsyncNovita,
     BadRequestError,
     BatchItem,
@@ -704,3 +705,32 @@ async def test_caller_owned_journal_stays_open(tmp_path: Path) -> None:
     assert all(i.ok and not i.from_journal for i in items)
     assert all(i.ok and i.from_journal for i in again)
     assert emu.tasks_created == 3
+
+
+@pytest.mark.parametrize("status", [403, 400])
+async def test_a_refused_key_stops_the_submissions(status: int) -> None:
+    emu = NovitaEmulator(durations=0.01)
+    emu.fail_next(
+        "txt2img",
+        status=status,
+        reason="INVALID_API_KEY" if status == 403 else "MISSING_API_KEY",
+        times=1000,
+    )
+    client, counting = client_for(emu)
+    async with client:
+        items = await client.txt2img_all(reqs(30), max_concurrent_submissions=1)
+    assert counting.posts_sent == 1  # no POST after the first refusal
+    assert len(items) == 30
+    assert all(type(item.error).__name__ == "AuthenticationError" for item in items)
+    assert {id(item.error) for item in items[1:]} == {id(items[0].error)}
+
+
+async def test_an_unreachable_api_stops_before_any_task() -> None:
+    emu = NovitaEmulator(durations=0.01)
+    client, counting = client_for(emu, retry_policy=RetryPolicy(max_retries=1, max_backoff=0))
+    counting.refuse_connections = 1000
+    async with client:
+        items = await client.txt2img_all(reqs(20), max_concurrent_submissions=1)
+    attempts = 1000 - counting.refuse_connections
+    assert attempts == 2  # the first prompt and its one retry, then nothing
+    assert all(isinstance(item.error, APIConnectionError) for item in items)
