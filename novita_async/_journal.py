@@ -14,12 +14,33 @@ task_id never does (:class:`JournalError`). A row still in ``submitting`` when a
 journal is opened means the process died during the POST: treat it like
 ``uncertain``. ``attempts`` counts ``mark_submitting`` calls (POSTs tried).
 
-Durability: WAL with ``synchronous=FULL``. Every ``mark_*`` is one short
-transaction, durable when it returns. WAL+NORMAL would survive a crash or
-``kill -9`` of the process (the commit is in the OS page cache) but may drop
-the last commits on power loss or an OS crash; a ``submitting`` row lost that
-way turns back into ``new`` and is paid twice, so FULL (one fsync per commit,
-well under a millisecond to a few ms; tiny next to a paid generation) is used.
+Durability: WAL with ``synchronous=FULL``, and a checkpoint after every commit.
+Every ``mark_*`` is one short transaction, durable when it returns. WAL+NORMAL would
+survive a crash or ``kill -9`` of the process (the commit is in the OS page cache) but
+may drop the last commits on power loss or an OS crash; a ``submitting`` row lost that
+way turns back into ``new`` and is paid twice, so FULL (one fsync per commit, well
+under a millisecond to a few ms; tiny next to a paid generation) is used.
+
+Identity: the journal is the main file alone. WAL keeps new commits in ``<path>-wal``
+until a checkpoint copies them into the main file; a journal moved or copied without
+its ``-wal`` (e.g. after a ``kill -9``, which leaves the WAL behind) would lose them
+and a rerun would pay again. So every ``mark_*`` and ``begin`` checkpoints
+(``wal_checkpoint(FULL)``: the main file is written and fsynced) before it returns,
+and opening a journal for writing folds a dead writer's WAL into the main file first.
+Whatever the batch does *after* a write returns is therefore recorded in the main
+file; a ``kill -9`` between a commit and its checkpoint loses at most that one write,
+whose follow-up (a POST, a result) never happened, except ``mark_submitted``, whose
+loss leaves ``submitting``: reported as uncertain, never paid twice by default.
+(If another process holds a long read transaction, the checkpoint cannot complete
+and the main file lags behind until it ends; the WAL still holds everything.)
+
+A new journal is created only where no file exists, and created complete: its
+schema is built in a temporary file in the same directory, which is then linked
+into place. So a journal file is never empty; an existing file that is empty
+(0 bytes), an empty sqlite database or anything but a journal is refused
+(:class:`JournalError`), never silently turned into a fresh journal: such a file at
+the journal's path means the journal was truncated, replaced or moved, and
+starting over would pay for every prompt again. Delete it to start a new batch.
 
 Only one writer at a time: a second writable :class:`Journal` on the same file
 (in this or another process) raises :class:`JournalError` instead of racing
@@ -34,6 +55,7 @@ import json
 import os
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -156,12 +178,19 @@ class Journal:
                 if self._inspect(self._conn):
                     raise JournalError(f"{self.path} is an empty database, not a journal")
             else:
+                if not os.path.lexists(self.path):
+                    _create(self.path)
                 self._lock_fd = _acquire_lock(self.path)
+                if self.path.stat().st_size == 0:
+                    raise JournalError(
+                        f"{self.path} is an empty file, not a journal (a journal is never "
+                        "empty: it was truncated or replaced?); delete it to start a new batch"
+                    )
                 self._conn = _connect(self.path)
                 self._prepare(self._conn)
         except BaseException as exc:
             self.close()
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, (sqlite3.Error, OSError)):
                 raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
             raise
 
@@ -331,6 +360,9 @@ class Journal:
                 conn.rollback()
                 raise
             conn.execute("COMMIT")
+            # Copy the commit into the main file now (see "Identity" above). A busy
+            # answer (a reader holds an old snapshot) is not an error: the WAL has it.
+            conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
 
     def _row(self, conn: sqlite3.Connection, index: int) -> tuple[Any, ...]:
         row = conn.execute(f"SELECT {_COLUMNS} FROM records WHERE idx = ?", (index,)).fetchone()
@@ -375,22 +407,17 @@ class Journal:
         return False
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        """Check (before changing anything), switch to WAL + FULL, create the schema if new."""
-        fresh = self._inspect(conn)
+        """Check (before changing anything), ensure WAL + FULL, fold any WAL into the file."""
+        if self._inspect(conn):
+            raise JournalError(
+                f"{self.path} is an empty database, not a journal (a journal is never "
+                "empty: it was truncated or replaced?); delete it to start a new batch"
+            )
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise JournalError(f"cannot enable WAL on journal {self.path} (got {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
-        if fresh:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _record(row: tuple[Any, ...] | sqlite3.Row) -> JournalRecord:
@@ -417,6 +444,74 @@ def _connect(path: Path) -> sqlite3.Connection:
     # BEGIN IMMEDIATE ... COMMIT. check_same_thread=False: callers may use worker
     # threads (anyio.to_thread); Journal._mutex serializes all use of the connection.
     return sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+
+
+def _create(path: Path) -> None:
+    """Create a complete, empty journal at ``path`` unless a file appears there first.
+
+    The schema is built in a temporary file next to ``path``, which is then hard-linked
+    into place (never over an existing file), so ``path`` never holds a half-made or
+    empty journal. Without hard links (some file systems) the bytes are copied into a
+    file created exclusively.
+    """
+    directory = path.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=directory)
+    except OSError as exc:
+        raise JournalError(f"cannot create journal {path}: {exc}") from exc
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        conn = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.close()
+        _fsync(temporary)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return  # created meanwhile by another process: open that one
+        except OSError:
+            _copy_exclusive(temporary, path)
+        _fsync(directory)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot create journal {path}: {exc}") from exc
+    finally:
+        for leftover in (temporary, *(Path(f"{temporary}{s}") for s in ("-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
+
+
+def _copy_exclusive(source: Path, target: Path) -> None:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as out:
+        out.write(source.read_bytes())
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or (where possible) a directory; best effort for directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
