@@ -43,8 +43,14 @@ the journal's path means the journal was truncated, replaced or moved, and
 starting over would pay for every prompt again. Delete it to start a new batch.
 
 Only one writer at a time: a second writable :class:`Journal` on the same file
-(in this or another process) raises :class:`JournalError` instead of racing
-the first one into double submissions. ``Journal(path, read_only=True)`` can
+(in this or another process, through the same path, a symlink or a hard link)
+raises :class:`JournalError` instead of racing the first one into double
+submissions. On Linux the writer holds an ``flock`` on the database file itself,
+which covers every path to the same inode (Linux keeps ``flock`` locks apart from
+the ``fcntl`` locks sqlite takes on the same file). Elsewhere it locks
+``<real path>-lock``, with symlinks resolved (hard links are not detected there).
+Network file systems are not supported (nor are they by sqlite).
+``Journal(path, read_only=True)`` can
 inspect a journal at any time, also while a batch is writing it.
 """
 
@@ -171,6 +177,7 @@ class Journal:
         self.read_only = read_only
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
+        self._identity = (0, 0)
         self._conn: sqlite3.Connection | None = None
         try:
             if read_only:
@@ -180,13 +187,14 @@ class Journal:
             else:
                 if not os.path.lexists(self.path):
                     _create(self.path)
-                self._lock_fd = _acquire_lock(self.path)
+                self._lock_fd, self._identity = _acquire_lock(self.path)
                 if self.path.stat().st_size == 0:
                     raise JournalError(
                         f"{self.path} is an empty file, not a journal (a journal is never "
                         "empty: it was truncated or replaced?); delete it to start a new batch"
                     )
                 self._conn = _connect(self.path)
+                _same_file(self.path, self._lock_fd)
                 self._prepare(self._conn)
         except BaseException as exc:
             self.close()
@@ -221,7 +229,7 @@ class Journal:
                     conn.close()
             finally:
                 if fd is not None:
-                    os.close(fd)  # releases the lock
+                    _release_lock(fd, self._identity)
 
     @property
     def closed(self) -> bool:
@@ -514,6 +522,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _same_file(path: Path, fd: int) -> None:
+    """The locked file must still be the one at ``path`` (not swapped meanwhile)."""
+    if not sys.platform.startswith("linux"):
+        return
+    locked, current = os.fstat(fd), os.stat(path)
+    if (locked.st_dev, locked.st_ino) != (current.st_dev, current.st_ino):
+        raise JournalError(f"journal {path} was replaced while it was being opened")
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise JournalError(f"no journal at {path}")
@@ -521,26 +538,57 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
 
 
-def _acquire_lock(path: Path) -> int:
-    """Exclusive, non-blocking lock on ``<path>-lock``; the OS drops it if the process dies."""
-    lock_path = path.with_name(path.name + "-lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise JournalError(f"cannot create lock file {lock_path}: {exc}") from exc
-    try:
-        if sys.platform == "win32":
-            import msvcrt
+# (st_dev, st_ino) of the files this process holds a writer lock on. Checked before
+# opening another descriptor: closing a descriptor of a file drops every fcntl lock this
+# process holds on it, sqlite's included, so a refused open must not open and close one.
+_LOCKED: set[tuple[int, int]] = set()
+_LOCKED_MUTEX = threading.Lock()
 
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        raise JournalError(
-            f"journal {path} is in use by another batch (lock {lock_path} is held); "
-            "two writers could submit the same prompt twice"
-        ) from exc
-    return fd
+def _acquire_lock(path: Path) -> tuple[int, tuple[int, int]]:
+    """Exclusive, non-blocking lock on the real file; the OS drops it if the process dies.
+
+    Linux: ``flock`` on the database file itself (its inode: any path, symlink or hard
+    link to it conflicts). Elsewhere: ``<resolved path>-lock`` (symlinks resolved).
+    Returns the locked descriptor and the file's identity (release with
+    :func:`_release_lock`).
+    """
+    real = path.resolve()
+    on_file = sys.platform.startswith("linux")
+    lock_path = real if on_file else real.with_name(real.name + "-lock")
+    in_use = JournalError(
+        f"journal {path} is in use by another batch; "
+        "two writers could submit the same prompt twice"
+    )
+    with _LOCKED_MUTEX:
+        try:
+            info = os.stat(real)
+        except OSError as exc:
+            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        identity = (info.st_dev, info.st_ino)
+        if identity in _LOCKED:
+            raise in_use
+        try:
+            fd = os.open(lock_path, os.O_RDONLY if on_file else os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JournalError(f"cannot open lock file {lock_path}: {exc}") from exc
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise in_use from exc
+        _LOCKED.add(identity)
+    return fd, identity
+
+
+def _release_lock(fd: int, identity: tuple[int, int]) -> None:
+    with _LOCKED_MUTEX:
+        _LOCKED.discard(identity)
+        os.close(fd)  # releases the lock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -524,6 +525,66 @@ def test_second_writer_is_refused_across_processes(db: Path) -> None:
             Journal(db)
         with Journal(db, read_only=True) as reader:  # readers are always welcome
             assert reader.records() == []
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+    Journal(db).close()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_second_writer_through_a_link_is_refused(tmp_path: Path, db: Path, link: str) -> None:
+    """Regression: the lock was ``<path>-lock`` per path, so a link to the same file got
+    its own lock and two batches paid for the same prompts."""
+    other = tmp_path / "sub" / "other-name.db"
+    other.parent.mkdir()
+    with Journal(db) as first:
+        first.begin(entries(2))
+        if link == "symlink":
+            other.symlink_to(db)
+        else:
+            os.link(db, other)
+        with pytest.raises(JournalError, match="in use by another batch"):
+            Journal(other)
+        first.mark_submitting(0)  # the refused open did not disturb the owner
+    with Journal(other) as second:  # released by close(); the link is the same journal
+        assert second.records()[0].state == "submitting"
+        with pytest.raises(JournalError, match="in use"):
+            Journal(db)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inode lock is Linux-only")
+def test_second_writer_through_a_hard_link_is_refused_across_processes(
+    tmp_path: Path, db: Path
+) -> None:
+    Journal(db).close()
+    other = tmp_path / "hard.db"
+    os.link(db, other)
+    holder = textwrap.dedent(
+        f"""
+        import sys
+        from novita_async import Journal
+        journal = Journal({str(other)!r})
+        print("open", flush=True)
+        sys.stdin.readline()
+        journal.close()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout.readline().strip() == "open"
+        with pytest.raises(JournalError, match="in use"):
+            Journal(db)
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.wait(timeout=30) == 0
