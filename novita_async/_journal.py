@@ -52,6 +52,11 @@ the ``fcntl`` locks sqlite takes on the same file). Elsewhere it locks
 Network file systems are not supported (nor are they by sqlite).
 ``Journal(path, read_only=True)`` can
 inspect a journal at any time, also while a batch is writing it.
+
+The batch engine talks to a journal through :class:`AsyncJournal`;
+:func:`as_async_journal` adapts a path or a :class:`Journal` to it, running every
+sqlite call in a worker thread, shielded from cancellation (a write that was
+started always completes: it is short, and skipping it could pay twice).
 """
 
 from __future__ import annotations
@@ -64,12 +69,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, Protocol, TypeVar, cast, get_args, runtime_checkable
 
+import anyio
+import anyio.to_thread
 import attrs
 
 from ._convert import converter, request_body, task_result
@@ -77,13 +84,17 @@ from ._errors import NovitaError
 from ._models import Extra, TaskResult, Txt2ImgRequest
 
 __all__ = [
+    "AsyncJournal",
     "Journal",
     "JournalError",
     "JournalMismatchError",
     "JournalRecord",
     "JournalState",
+    "as_async_journal",
     "request_key",
 ]
+
+T = TypeVar("T")
 
 JournalState = Literal[
     "new", "submitting", "submitted", "uncertain", "rejected", "succeeded", "failed"
@@ -426,6 +437,127 @@ class Journal:
             raise JournalError(f"cannot enable WAL on journal {self.path} (got {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+# --------------------------------------------------------------------------- async engine API
+
+
+@runtime_checkable
+class AsyncJournal(Protocol):
+    """What the batch engine calls: :class:`Journal`'s writing API, awaitable.
+
+    ``open()`` acquires whatever the journal needs (the writer lock) before the
+    first ``begin``; ``aclose()`` releases it. Implementations should complete a
+    write once started, even when the caller is cancelled.
+    """
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]: ...
+
+    async def mark_submitting(self, index: int) -> None: ...
+
+    async def mark_submitted(self, index: int, task_id: str) -> None: ...
+
+    async def mark_uncertain(self, index: int, message: str) -> None: ...
+
+    async def mark_rejected(self, index: int, message: str) -> None: ...
+
+    async def mark_finished(
+        self, index: int, *, result: TaskResult | None, error: str | None
+    ) -> None: ...
+
+
+def as_async_journal(
+    journal: str | os.PathLike[str] | Journal | AsyncJournal,
+) -> tuple[AsyncJournal, bool]:
+    """``(adapter, owned)`` for what a user passed as ``journal=``.
+
+    * a path: a :class:`Journal` opened by ``open()`` and closed by ``aclose()``
+      (in worker threads); ``owned`` is True: the engine calls ``open()`` before its
+      first use and ``aclose()`` when done;
+    * a :class:`Journal`: used in worker threads; ``owned`` is False: the user opened
+      it and closes it (``open()`` / ``aclose()`` of the adapter do nothing);
+    * an :class:`AsyncJournal`: returned as is, ``owned`` False (the user opens and
+      closes it).
+    """
+    if isinstance(journal, Journal):
+        return _ThreadedJournal(journal), False
+    if isinstance(journal, (str, os.PathLike)):
+        return _ThreadedJournal(journal), True
+    if isinstance(journal, AsyncJournal):
+        return journal, False
+    raise TypeError(
+        f"journal must be a path, a Journal or an AsyncJournal, got {type(journal).__name__}"
+    )
+
+
+class _ThreadedJournal:
+    """:class:`AsyncJournal` over a :class:`Journal`: each call runs in a worker thread,
+    shielded (the write always happens; a cancellation lands after it)."""
+
+    def __init__(self, source: str | os.PathLike[str] | Journal) -> None:
+        self._owned = not isinstance(source, Journal)
+        self._path = None if isinstance(source, Journal) else source
+        self._journal: Journal | None = source if isinstance(source, Journal) else None
+
+    def __repr__(self) -> str:
+        return f"<AsyncJournal {self._journal or self._path!r}>"
+
+    @property
+    def journal(self) -> Journal | None:
+        """The underlying :class:`Journal` (None until ``open()`` for a path)."""
+        return self._journal
+
+    @staticmethod
+    async def _run(call: Callable[[], T]) -> T:
+        with anyio.CancelScope(shield=True):
+            result = await anyio.to_thread.run_sync(call)
+        return result
+
+    def _open_journal(self) -> Journal:
+        if self._journal is None:
+            raise JournalError(f"journal {self._path} is not open (call open() first)")
+        return self._journal
+
+    async def open(self) -> None:
+        if self._journal is None and self._path is not None:
+            path = self._path
+            self._journal = await self._run(lambda: Journal(path))
+
+    async def aclose(self) -> None:
+        journal = self._journal
+        if self._owned and journal is not None:
+            self._journal = None
+            await self._run(journal.close)
+
+    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]:
+        journal = self._open_journal()
+        return await self._run(lambda: journal.begin(entries))
+
+    async def mark_submitting(self, index: int) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_submitting(index))
+
+    async def mark_submitted(self, index: int, task_id: str) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_submitted(index, task_id))
+
+    async def mark_uncertain(self, index: int, message: str) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_uncertain(index, message))
+
+    async def mark_rejected(self, index: int, message: str) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_rejected(index, message))
+
+    async def mark_finished(
+        self, index: int, *, result: TaskResult | None, error: str | None
+    ) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_finished(index, result=result, error=error))
 
 
 def _record(row: tuple[Any, ...] | sqlite3.Row) -> JournalRecord:
