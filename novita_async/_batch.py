@@ -55,8 +55,8 @@ from ._errors import (
     APIConnectionError,
     AuthenticationError,
     InvalidRequestError,
-    PermissionDeniedError,
     NovitaError,
+    PermissionDeniedError,
     SubmissionUncertainError,
     TaskFailedError,
     TaskTimeoutError,
@@ -172,7 +172,7 @@ class _Engine:
         self.timeout = timeout
         self.workers = workers
         self.limiter = limiter
-        self.journal = as_async_journal(journal) if journal is not None else None
+        self.journal = as_async_journal(journal)[0] if journal is not None else None
         self.resubmit_uncertain = resubmit_uncertain
         self.source: Iterator[tuple[int, Any]] | None = enumerate(requests)
         self.queue: list[_Entry] = []  # replayed entries to send first

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -22,9 +23,9 @@ from ._batch import (
     check_requests,
     make_limiter,
 )
-from ._convert import task_result
+from ._convert import task_result_for
 from ._download import DEFAULT_MAX_IMAGE_BYTES
-from ._errors import InvalidRequestError, MalformedResponseError, NovitaError
+from ._errors import InvalidRequestError, NovitaError
 from ._host import HostState, TaskHost
 from ._models import Extra, Image, Model, TaskResult, Txt2ImgRequest
 from ._poller import PollHint, PollPolicy, PollScheduler
@@ -47,20 +48,6 @@ _NOT_ENTERED = (
     "client:` (in FastAPI, enter it in the app's lifespan; in aiohttp, in cleanup_ctx; in "
     "pytest, in an async fixture), or call `await client.__aenter__()` / `aclose()` yourself"
 )
-
-
-def _answer_for(task_id: str) -> Any:
-    """A parser of task-result answers that rejects an answer about another task."""
-
-    def parse(data: Any) -> TaskResult:
-        result = task_result(data)
-        if result.task.task_id != task_id:
-            raise MalformedResponseError(
-                f"task-result for {task_id!r} answered about task {result.task.task_id!r}"
-            )
-        return result
-
-    return parse
 
 
 class AsyncNovita:
@@ -232,7 +219,9 @@ class AsyncNovita:
             raise InvalidRequestError(f"task_id must be a non-empty str, got {task_id!r}")
         self._check_open()
         return await self._transport.get(
-            TASK_RESULT_PATH, params={"task_id": task_id}, parse=_answer_for(task_id)
+            TASK_RESULT_PATH,
+            params={"task_id": task_id},
+            parse=functools.partial(task_result_for, task_id=task_id),
         )
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:

@@ -4,7 +4,11 @@ Result parsing accepts what Novita really sends: numbers as strings (``seed``,
 ``image_url_ttl``, ``*_time_ms``), ``""`` for missing numbers, ``null``/``{}``
 for "no NSFW result", ``request_info`` as a JSON-encoded string, unknown keys
 (ignored) and unknown statuses (``TaskStatus.UNKNOWN``). Every failure is
-reported as :class:`MalformedResponseError`.
+reported as :class:`MalformedResponseError`, also for absurd input such as JSON nested
+thousands of levels deep (which Python's json and cattrs answer with RecursionError):
+see :func:`decode_json`. Nested free-form data kept in a result (``request_info``) is
+dropped when nested deeper than ``MAX_NESTING`` levels, so every result can be dumped
+again (the journal stores results as JSON).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ._models import (
 
 __all__ = [
     "converter",
+    "decode_json",
     "envelope_error",
     "model",
     "parse_error_body",
@@ -42,6 +47,7 @@ __all__ = [
     "structure",
     "submit_task_id",
     "task_result",
+    "task_result_for",
     "unstructure_request",
     "webhook_event",
 ]
@@ -50,6 +56,38 @@ T = TypeVar("T")
 _Hook = Callable[[Any, Any], Any]
 
 converter = cattrs.Converter(forbid_extra_keys=False)
+
+#: Free-form JSON kept in a result (``debug_info.request_info``) deeper than this is dropped.
+MAX_NESTING = 64
+
+
+def decode_json(content: bytes | str, *, what: str = "response") -> Any:
+    """``json.loads`` for API answers: anything undecodable (bad JSON, bad UTF-8, nesting
+    too deep for Python's parser) raises :class:`MalformedResponseError`, never
+    ValueError or RecursionError. ``what`` names the body in the message."""
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError) as exc:  # ValueError includes UnicodeDecodeError
+        raw = content if isinstance(content, str) else content.decode("utf-8", "replace")
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
+        raise MalformedResponseError(f"{what} body is {problem}", body=raw[:2000]) from exc
+
+
+def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether JSON-like ``value`` nests objects/lists more than ``limit`` levels (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 # --------------------------------------------------------------------------- lenient scalars
@@ -150,16 +188,21 @@ def _status(value: Any, _: Any = None) -> TaskStatus:
 
 
 def _json_object(value: Any, _: Any = None) -> Mapping[str, Any] | None:
-    """``debug_info.request_info`` is a JSON string (or "", or already an object)."""
+    """``debug_info.request_info`` is a JSON string (or "", or already an object).
+
+    Anything else, unparseable or nested deeper than ``MAX_NESTING``, gives None.
+    """
+    parsed: Any = None
     if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, str) and value.strip():
+        parsed = dict(value)
+    elif isinstance(value, str) and value.strip():
         try:
             parsed = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
-        return parsed if isinstance(parsed, dict) else None
-    return None
+    if not isinstance(parsed, dict) or _too_deep(parsed):
+        return None
+    return parsed
 
 
 def _nsfw(value: Any, _: Any = None) -> NsfwDetectionResult | None:
@@ -281,10 +324,16 @@ def _describe(exc: BaseException) -> str:
 
 
 def _preview(data: Any) -> str:
+    """At most 2000 characters of ``data`` for error messages; never raises."""
+    if _too_deep(data, 200):
+        return "<body nested too deeply to show>"
     try:
         text = json.dumps(data)
-    except (TypeError, ValueError):
-        text = repr(data)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(data)
+        except Exception:  # a hostile __repr__, or still too deep
+            text = f"<unprintable {type(data).__name__}>"
     return text[:2000]
 
 
@@ -302,13 +351,42 @@ def _unwrap(data: Any, key: str) -> Any:
 
 def task_result(data: Any) -> TaskResult:
     """Parse a task-result body (also a webhook payload)."""
-    data = _unwrap(data, "task")
-    if isinstance(data, Mapping) and not isinstance(data.get("task"), Mapping):
-        raise MalformedResponseError("task-result body has no 'task' object", body=_preview(data))
-    result = structure(data, TaskResult)
+    result = _task_result(data)
     if not result.task.task_id:
         raise MalformedResponseError("task-result body has an empty task_id", body=_preview(data))
     return result
+
+
+def task_result_for(data: Any, task_id: str) -> TaskResult:
+    """Parse the answer to ``GET /v3/async/task-result?task_id=<task_id>`` and check that it
+    is that task's.
+
+    An answer naming another task raises :class:`MalformedResponseError` (retry it like
+    any malformed answer): accepting it would resolve the wait for ``task_id`` with
+    another task's images and journal them against the wrong prompt. An answer with no
+    (or an empty) ``task.task_id`` is taken as the asked task's and gets ``task_id``
+    filled in: it answers a request for exactly one task, and nothing in it contradicts
+    that (lenient, like the rest of the parsing).
+    """
+    data = _unwrap(data, "task")
+    task = data.get("task") if isinstance(data, Mapping) else None
+    if isinstance(task, Mapping) and task.get("task_id") in (None, ""):
+        data = {**data, "task": {**task, "task_id": task_id}}
+    result = _task_result(data)
+    answered = result.task.task_id
+    if answered != task_id:
+        raise MalformedResponseError(
+            f"task-result answer is for task {answered!r}, not the task asked for ({task_id!r})",
+            body=_preview(data),
+        )
+    return result
+
+
+def _task_result(data: Any) -> TaskResult:
+    data = _unwrap(data, "task")
+    if isinstance(data, Mapping) and not isinstance(data.get("task"), Mapping):
+        raise MalformedResponseError("task-result body has no 'task' object", body=_preview(data))
+    return structure(data, TaskResult)
 
 
 def webhook_event(data: Any) -> WebhookEvent:
@@ -362,7 +440,7 @@ def parse_error_body(text: str) -> tuple[str, str, Mapping[str, Any]]:
     """(reason, message, metadata) from Novita's ``{code, reason, message, metadata}``."""
     try:
         data = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, Mapping):
         return "", text.strip()[:500], {}
@@ -370,7 +448,7 @@ def parse_error_body(text: str) -> tuple[str, str, Mapping[str, Any]]:
     return (
         _as_text(data.get("reason")),
         _as_text(data.get("message") or data.get("msg")),
-        dict(metadata) if isinstance(metadata, Mapping) else {},
+        dict(metadata) if isinstance(metadata, Mapping) and not _too_deep(metadata) else {},
     )
 
 

@@ -2,21 +2,38 @@
 
 Novita's image URLs are presigned S3 GET URLs on a host other than the API's
 (``X-Amz-Expires=3600``). Requests to them are built here WITHOUT the
-``Authorization`` header (and with the client's own auth disabled), whatever
-the host. An expired URL raises :class:`ImageExpiredError`; any other failure
-raises :class:`DownloadError` carrying the HTTP status when there was one.
+``Authorization`` header, without cookies (and with the client's own auth
+disabled), whatever the host; redirects are followed here, hop by hop, so no
+hop gets them either. An expired URL raises :class:`ImageExpiredError`; every
+other failure (HTTP status, network, too many redirects, undecodable or cut
+body, a file that cannot be written) raises :class:`DownloadError`, carrying the
+HTTP status when there was one; nothing else escapes.
+
+A body is complete only if it is: fewer bytes than its ``Content-Length`` is a
+cut transfer (retried, then an error), and a body delimited by the connection's
+end alone (HTTP/1.x without length or chunking) must end the way its format
+ends (PNG ``IEND``, JPEG ``FFD9``, the RIFF length of WebP, GIF ``;``); a body
+in an unrecognised format cannot be checked that way and is taken as it is.
+
+Files are written to ``.<name>.<8 hex>.part`` next to the target and renamed into
+place. Part files of a killed process are removed by the next save into the same
+directory once they are older than ``STALE_PART_AGE`` seconds (a live download
+rewrites its part file continuously, so it is never that old).
 """
 
 from __future__ import annotations
 
 import calendar
+import contextlib
+import hashlib
 import logging
+import os
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import anyio
 import httpx
@@ -46,6 +63,10 @@ _ERROR_BODY_PREVIEW = 16 * 1024
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp", "gif": "gif"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM = 100
+#: Seconds after which a ``.part`` file nobody writes is taken as left by a dead process.
+STALE_PART_AGE = 60.0
+_PART = re.compile(r"^\..+\.[0-9a-f]{8}\.part$")
+_cleaned: dict[str, float] = {}  # directory -> time.monotonic() of its last cleanup
 _WINDOWS_RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
     | {f"COM{i}" for i in range(1, 10)}
@@ -84,8 +105,17 @@ def _extension(image: Image) -> str:
 def image_filename(
     task_id: str, index: int, image: Image, *, prefix: str | None = None, count: int = 1
 ) -> str:
-    """``<prefix or task_id>-<index>.<ext>``; sanitized, the index zero-padded to sort."""
-    stem = safe_name(prefix if prefix else task_id, default="task")
+    """``<prefix or task_id>-<index>.<ext>``; sanitized, the index zero-padded to sort.
+
+    When sanitizing changes the prefix (non-ASCII text, separators, spaces, too long),
+    8 hex digits of its sha256 are appended to the safe stem, so that distinct prefixes
+    never collapse into one name (``猫`` and ``犬`` are not both ``task-0.png``).
+    """
+    source = prefix if prefix else task_id
+    stem = safe_name(source, default="task")
+    if stem != source:
+        digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+        stem = f"{stem}-{digest[:8]}"
     width = len(str(max(count - 1, 0)))
     return f"{stem}-{index:0{width}d}.{_extension(image)}"
 
@@ -179,14 +209,50 @@ async def _read_preview(response: httpx.Response) -> str:
     return bytes(data[:_ERROR_BODY_PREVIEW]).decode("utf-8", "replace")
 
 
+class _Transient(Exception):
+    """A failure worth retrying; carries the DownloadError to raise if retries run out."""
+
+    def __init__(self, error: DownloadError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _wrapped(message: str, exc: BaseException, status_code: int | None = None) -> DownloadError:
+    error = DownloadError(f"{message}: {type(exc).__name__}: {exc}", status_code=status_code)
+    error.__cause__ = exc
+    return error
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    declared = response.headers.get("content-length", "").strip()
+    return int(declared) if declared.isdigit() else None
+
+
+def _complete_format(head: bytes, tail: bytes, size: int) -> bool:
+    """Whether a body that starts with ``head`` and ends with ``tail`` ends like its format
+    does; True for formats not recognised (nothing to check)."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if head.startswith(b"\xff\xd8\xff"):
+        return tail.rstrip(b"\x00\r\n").endswith(b"\xff\xd9")
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return tail.endswith(b";")
+    return True
+
+
 class _Body:
-    """Pull-reader over a response body that enforces ``max_bytes``."""
+    """Pull-reader over a response body that enforces ``max_bytes`` and completeness."""
 
     def __init__(self, response: httpx.Response, url: httpx.URL, max_bytes: int) -> None:
+        self._response = response
         self._chunks = response.aiter_bytes(_CHUNK)
         self._url = url
         self._max_bytes = max_bytes
         self._received = 0
+        self._head = b""
+        self._tail = b""
 
     async def read(self) -> bytes | None:
         """The next chunk, or None at the end."""
@@ -197,10 +263,107 @@ class _Body:
         self._received += len(chunk)
         if self._received > self._max_bytes:
             raise _too_large(self._url, self._max_bytes)
+        if len(self._head) < 16:
+            self._head = (self._head + chunk)[:16]
+        self._tail = (self._tail + chunk)[-16:]
         return chunk
+
+    def check_complete(self) -> None:
+        """Raise (retryably) if the body that was read to its end is cut short."""
+        response = self._response
+        declared = _content_length(response)
+        if declared is not None:
+            # Content-Length counts the bytes on the wire: decoded bytes are comparable
+            # only without a content encoding. (A body httpx already held in memory
+            # counts no downloaded bytes: nothing was streamed that could be cut.)
+            encoded = response.headers.get("content-encoding", "identity").lower()
+            if encoded.strip() in ("", "identity"):
+                got = self._received
+            else:
+                got = response.num_bytes_downloaded or declared
+            if got < declared:
+                raise _Transient(
+                    DownloadError(
+                        f"download of {_shown(self._url)} cut short: {got} of {declared} bytes",
+                        status_code=response.status_code,
+                    )
+                )
+            return
+        chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
+        if chunked or response.http_version not in ("HTTP/1.1", "HTTP/1.0"):
+            return  # framed: the HTTP layer itself reports a cut
+        if not _complete_format(self._head, self._tail, self._received):
+            raise _Transient(
+                DownloadError(
+                    f"download of {_shown(self._url)} cut short: the connection closed after "
+                    f"{self._received} bytes, before the end of the image",
+                    status_code=response.status_code,
+                )
+            )
 
     async def aclose(self) -> None:
         await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _open(transport: Transport, url: httpx.URL) -> httpx.Response:
+    """Send the GET and follow redirects here, each hop built afresh without credentials
+    or cookies (httpx would re-add the client's cookie jar on every redirect)."""
+    max_redirects = transport.http.max_redirects
+    for _ in range(max_redirects + 1):
+        try:
+            response = await transport.http.send(
+                _build(transport, url), stream=True, auth=None, follow_redirects=False
+            )
+        except httpx.UnsupportedProtocol as exc:
+            raise _wrapped(f"cannot download {_shown(url)}", exc) from exc
+        except httpx.TransportError as exc:
+            raise _Transient(_wrapped(f"cannot download {_shown(url)}", exc)) from exc
+        except httpx.HTTPError as exc:  # e.g. an unusable Location header
+            raise _wrapped(f"cannot download {_shown(url)}", exc) from exc
+        target = response.next_request
+        if target is None:
+            return response
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+        url = _url_of(str(target.url))
+    raise DownloadError(f"more than {max_redirects} redirects downloading {_shown(url)}")
+
+
+async def _once(
+    transport: Transport,
+    url: httpx.URL,
+    consume: Callable[[Callable[[], Awaitable[bytes | None]]], Awaitable[T]],
+    max_bytes: int,
+) -> T:
+    """One download attempt: the value of ``consume``, a DownloadError, or _Transient."""
+    response = await _open(transport, url)
+    try:
+        if not response.is_success:
+            status = response.status_code
+            error = _status_failure(url, status, await _read_preview(response))
+            if status == 429 or status >= 500:
+                raise _Transient(error)
+            raise error
+        declared = _content_length(response)
+        if declared is not None and declared > max_bytes:
+            raise _too_large(url, max_bytes)
+        body = _Body(response, url, max_bytes)
+        try:
+            value = await consume(body.read)
+            body.check_complete()
+            return value
+        except httpx.TransportError as exc:  # connection lost mid-body
+            where = f"download of {_shown(url)} interrupted"
+            raise _Transient(_wrapped(where, exc, response.status_code)) from exc
+        except (httpx.HTTPError, httpx.StreamError) as exc:  # undecodable body, ...
+            where = f"download of {_shown(url)} failed"
+            raise _wrapped(where, exc, response.status_code) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await body.aclose()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
 
 
 async def _fetch(
@@ -220,43 +383,11 @@ async def _fetch(
         raise ValueError("max_bytes must be >= 1")
     attempt = 0
     while True:
-        retryable = False
-        request = _build(transport, url)
         try:
-            response = await transport.http.send(
-                request, stream=True, auth=None, follow_redirects=True
-            )
-        except httpx.TransportError as exc:
-            retryable = not isinstance(exc, httpx.UnsupportedProtocol)
-            error = DownloadError(f"cannot download {_shown(url)}: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-        else:
-            try:
-                if not response.is_success:
-                    status = response.status_code
-                    error = _status_failure(url, status, await _read_preview(response))
-                    retryable = status == 429 or status >= 500
-                else:
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > max_bytes:
-                        raise _too_large(url, max_bytes)
-                    body = _Body(response, url, max_bytes)
-                    try:
-                        return await consume(body.read)
-                    except httpx.TransportError as exc:  # connection lost mid-body
-                        retryable = True
-                        error = DownloadError(
-                            f"download of {_shown(url)} interrupted: {type(exc).__name__}: {exc}",
-                            status_code=response.status_code,
-                        )
-                        error.__cause__ = exc
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await body.aclose()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
-        if not retryable or attempt >= transport.retry.max_retries:
+            return await _once(transport, url, consume, max_bytes)
+        except _Transient as transient:
+            error = transient.error
+        if attempt >= transport.retry.max_retries:
             raise error
         delay = transport.retry.delay(attempt)
         logger.info("image download failed (%s); retry %d in %.2fs", error, attempt + 1, delay)
@@ -294,7 +425,11 @@ async def save_image(
     the temp file is removed and ``path`` is untouched.
     """
     target = anyio.Path(path)
-    await target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        await target.parent.mkdir(parents=True, exist_ok=True)
+        await _clean_stale_parts(Path(target.parent))
+    except OSError as exc:
+        _cannot_save(path, exc)
     temp = target.parent / f".{safe_name(target.name)}.{secrets.token_hex(4)}.part"
 
     async def write(next_chunk: Callable[[], Awaitable[bytes | None]]) -> None:
@@ -305,11 +440,46 @@ async def save_image(
     try:
         await _fetch(transport, image, write, max_bytes=max_bytes)
         await temp.replace(target)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
             await temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            _cannot_save(path, exc)
         raise
     return Path(path)
+
+
+def _cannot_save(path: Path, exc: OSError) -> NoReturn:
+    raise DownloadError(f"cannot save image to {path}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _clean_stale_parts(directory: Path) -> None:
+    """Remove ``.part`` files of dead processes from ``directory`` (at most once per
+    ``STALE_PART_AGE`` per directory and process; our live part files are never stale)."""
+    key = str(directory)
+    now = time.monotonic()
+    last = _cleaned.get(key)
+    if last is not None and now - last < STALE_PART_AGE:
+        return
+    _cleaned[key] = now
+    await anyio.to_thread.run_sync(_remove_stale_parts, directory)
+
+
+def _remove_stale_parts(directory: Path) -> None:
+    cutoff = time.time() - STALE_PART_AGE
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        if not _PART.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                logger.info("removed stale partial download %s", entry.path)
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
 
 
 async def save_images(

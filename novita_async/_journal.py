@@ -14,34 +14,66 @@ task_id never does (:class:`JournalError`). A row still in ``submitting`` when a
 journal is opened means the process died during the POST: treat it like
 ``uncertain``. ``attempts`` counts ``mark_submitting`` calls (POSTs tried).
 
-Durability: WAL with ``synchronous=FULL``. Every ``mark_*`` is one short
-transaction, durable when it returns. WAL+NORMAL would survive a crash or
-``kill -9`` of the process (the commit is in the OS page cache) but may drop
-the last commits on power loss or an OS crash; a ``submitting`` row lost that
-way turns back into ``new`` and is paid twice, so FULL (one fsync per commit,
-well under a millisecond to a few ms; tiny next to a paid generation) is used.
+Durability: WAL with ``synchronous=FULL``, and a checkpoint after every commit.
+Every ``mark_*`` is one short transaction, durable when it returns. WAL+NORMAL would
+survive a crash or ``kill -9`` of the process (the commit is in the OS page cache) but
+may drop the last commits on power loss or an OS crash; a ``submitting`` row lost that
+way turns back into ``new`` and is paid twice, so FULL (one fsync per commit, well
+under a millisecond to a few ms; tiny next to a paid generation) is used.
+
+Identity: the journal is the main file alone. WAL keeps new commits in ``<path>-wal``
+until a checkpoint copies them into the main file; a journal moved or copied without
+its ``-wal`` (e.g. after a ``kill -9``, which leaves the WAL behind) would lose them
+and a rerun would pay again. So every ``mark_*`` and ``begin`` checkpoints
+(``wal_checkpoint(FULL)``: the main file is written and fsynced) before it returns,
+and opening a journal for writing folds a dead writer's WAL into the main file first.
+Whatever the batch does *after* a write returns is therefore recorded in the main
+file; a ``kill -9`` between a commit and its checkpoint loses at most that one write,
+whose follow-up (a POST, a result) never happened, except ``mark_submitted``, whose
+loss leaves ``submitting``: reported as uncertain, never paid twice by default.
+(If another process holds a long read transaction, the checkpoint cannot complete
+and the main file lags behind until it ends; the WAL still holds everything.)
+
+A new journal is created only where no file exists, and created complete: its
+schema is built in a temporary file in the same directory, which is then linked
+into place. So a journal file is never empty; an existing file that is empty
+(0 bytes), an empty sqlite database or anything but a journal is refused
+(:class:`JournalError`), never silently turned into a fresh journal: such a file at
+the journal's path means the journal was truncated, replaced or moved, and
+starting over would pay for every prompt again. Delete it to start a new batch.
 
 Only one writer at a time: a second writable :class:`Journal` on the same file
-(in this or another process) raises :class:`JournalError` instead of racing
-the first one into double submissions. ``Journal(path, read_only=True)`` can
+(in this or another process, through the same path, a symlink or a hard link)
+raises :class:`JournalError` instead of racing the first one into double
+submissions. On Linux the writer holds an ``flock`` on the database file itself,
+which covers every path to the same inode (Linux keeps ``flock`` locks apart from
+the ``fcntl`` locks sqlite takes on the same file). Elsewhere it locks
+``<real path>-lock``, with symlinks resolved (hard links are not detected there).
+Network file systems are not supported (nor are they by sqlite).
+``Journal(path, read_only=True)`` can
 inspect a journal at any time, also while a batch is writing it.
+
+The batch engine talks to a journal through :class:`AsyncJournal`;
+:func:`as_async_journal` adapts a path or a :class:`Journal` to it, running every
+sqlite call in a worker thread, shielded from cancellation (a write that was
+started always completes: it is short, and skipping it could pay twice).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, cast, get_args
+from typing import Any, Literal, Protocol, TypeVar, cast, get_args, runtime_checkable
 
 import anyio
 import anyio.to_thread
@@ -63,6 +95,8 @@ __all__ = [
     "replay",
     "request_key",
 ]
+
+T = TypeVar("T")
 
 JournalState = Literal[
     "new", "submitting", "submitted", "uncertain", "rejected", "succeeded", "failed"
@@ -156,6 +190,7 @@ class Journal:
         self.read_only = read_only
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
+        self._identity = (0, 0)
         self._conn: sqlite3.Connection | None = None
         try:
             if read_only:
@@ -163,12 +198,20 @@ class Journal:
                 if self._inspect(self._conn):
                     raise JournalError(f"{self.path} is an empty database, not a journal")
             else:
-                self._lock_fd = _acquire_lock(self.path)
+                if not os.path.lexists(self.path):
+                    _create(self.path)
+                self._lock_fd, self._identity = _acquire_lock(self.path)
+                if self.path.stat().st_size == 0:
+                    raise JournalError(
+                        f"{self.path} is an empty file, not a journal (a journal is never "
+                        "empty: it was truncated or replaced?); delete it to start a new batch"
+                    )
                 self._conn = _connect(self.path)
+                _same_file(self.path, self._lock_fd)
                 self._prepare(self._conn)
         except BaseException as exc:
             self.close()
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, (sqlite3.Error, OSError)):
                 raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
             raise
 
@@ -199,7 +242,7 @@ class Journal:
                     conn.close()
             finally:
                 if fd is not None:
-                    os.close(fd)  # releases the lock
+                    _release_lock(fd, self._identity)
 
     @property
     def closed(self) -> bool:
@@ -338,6 +381,9 @@ class Journal:
                 conn.rollback()
                 raise
             conn.execute("COMMIT")
+            # Copy the commit into the main file now (see "Identity" above). A busy
+            # answer (a reader holds an old snapshot) is not an error: the WAL has it.
+            conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
 
     def _row(self, conn: sqlite3.Connection, index: int) -> tuple[Any, ...]:
         row = conn.execute(f"SELECT {_COLUMNS} FROM records WHERE idx = ?", (index,)).fetchone()
@@ -382,22 +428,138 @@ class Journal:
         return False
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        """Check (before changing anything), switch to WAL + FULL, create the schema if new."""
-        fresh = self._inspect(conn)
+        """Check (before changing anything), ensure WAL + FULL, fold any WAL into the file."""
+        if self._inspect(conn):
+            raise JournalError(
+                f"{self.path} is an empty database, not a journal (a journal is never "
+                "empty: it was truncated or replaced?); delete it to start a new batch"
+            )
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise JournalError(f"cannot enable WAL on journal {self.path} (got {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
-        if fresh:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+# --------------------------------------------------------------------------- async engine API
+
+
+@runtime_checkable
+class AsyncJournal(Protocol):
+    """What the batch engine calls: :class:`Journal`'s writing API, awaitable.
+
+    ``open()`` acquires whatever the journal needs (the writer lock) before the
+    first ``begin``; ``aclose()`` releases it. Implementations should complete a
+    write once started, even when the caller is cancelled.
+    """
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]: ...
+
+    async def mark_submitting(self, index: int) -> None: ...
+
+    async def mark_submitted(self, index: int, task_id: str) -> None: ...
+
+    async def mark_uncertain(self, index: int, message: str) -> None: ...
+
+    async def mark_rejected(self, index: int, message: str) -> None: ...
+
+    async def mark_finished(
+        self, index: int, *, result: TaskResult | None, error: str | None
+    ) -> None: ...
+
+
+def as_async_journal(
+    journal: str | os.PathLike[str] | Journal | AsyncJournal,
+) -> tuple[AsyncJournal, bool]:
+    """``(adapter, owned)`` for what a user passed as ``journal=``.
+
+    * a path: a :class:`Journal` opened by ``open()`` and closed by ``aclose()``
+      (in worker threads); ``owned`` is True: the engine calls ``open()`` before its
+      first use and ``aclose()`` when done;
+    * a :class:`Journal`: used in worker threads; ``owned`` is False: the user opened
+      it and closes it (``open()`` / ``aclose()`` of the adapter do nothing);
+    * an :class:`AsyncJournal`: returned as is, ``owned`` False (the user opens and
+      closes it).
+    """
+    if isinstance(journal, Journal):
+        return _ThreadedJournal(journal), False
+    if isinstance(journal, (str, os.PathLike)):
+        return _ThreadedJournal(journal), True
+    if isinstance(journal, AsyncJournal):
+        return journal, False
+    raise TypeError(
+        f"journal must be a path, a Journal or an AsyncJournal, got {type(journal).__name__}"
+    )
+
+
+class _ThreadedJournal:
+    """:class:`AsyncJournal` over a :class:`Journal`: each call runs in a worker thread,
+    shielded (the write always happens; a cancellation lands after it)."""
+
+    def __init__(self, source: str | os.PathLike[str] | Journal) -> None:
+        self._owned = not isinstance(source, Journal)
+        self._path = None if isinstance(source, Journal) else source
+        self._journal: Journal | None = source if isinstance(source, Journal) else None
+
+    def __repr__(self) -> str:
+        return f"<AsyncJournal {self._journal or self._path!r}>"
+
+    @property
+    def journal(self) -> Journal | None:
+        """The underlying :class:`Journal` (None until ``open()`` for a path)."""
+        return self._journal
+
+    @staticmethod
+    async def _run(call: Callable[[], T]) -> T:
+        with anyio.CancelScope(shield=True):
+            result = await anyio.to_thread.run_sync(call)
+        return result
+
+    def _open_journal(self) -> Journal:
+        if self._journal is None:
+            raise JournalError(f"journal {self._path} is not open (call open() first)")
+        return self._journal
+
+    async def open(self) -> None:
+        if self._journal is None and self._path is not None:
+            path = self._path
+            self._journal = await self._run(lambda: Journal(path))
+
+    async def aclose(self) -> None:
+        journal = self._journal
+        if self._owned and journal is not None:
+            self._journal = None
+            await self._run(journal.close)
+
+    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]:
+        journal = self._open_journal()
+        return await self._run(lambda: journal.begin(entries))
+
+    async def mark_submitting(self, index: int) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_submitting(index))
+
+    async def mark_submitted(self, index: int, task_id: str) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_submitted(index, task_id))
+
+    async def mark_uncertain(self, index: int, message: str) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_uncertain(index, message))
+
+    async def mark_rejected(self, index: int, message: str) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_rejected(index, message))
+
+    async def mark_finished(
+        self, index: int, *, result: TaskResult | None, error: str | None
+    ) -> None:
+        journal = self._open_journal()
+        await self._run(lambda: journal.mark_finished(index, result=result, error=error))
 
 
 def _record(row: tuple[Any, ...] | sqlite3.Row) -> JournalRecord:
@@ -426,6 +588,83 @@ def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
 
 
+def _create(path: Path) -> None:
+    """Create a complete, empty journal at ``path`` unless a file appears there first.
+
+    The schema is built in a temporary file next to ``path``, which is then hard-linked
+    into place (never over an existing file), so ``path`` never holds a half-made or
+    empty journal. Without hard links (some file systems) the bytes are copied into a
+    file created exclusively.
+    """
+    directory = path.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=directory)
+    except OSError as exc:
+        raise JournalError(f"cannot create journal {path}: {exc}") from exc
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        conn = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.close()
+        _fsync(temporary)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return  # created meanwhile by another process: open that one
+        except OSError:
+            _copy_exclusive(temporary, path)
+        _fsync(directory)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot create journal {path}: {exc}") from exc
+    finally:
+        for leftover in (temporary, *(Path(f"{temporary}{s}") for s in ("-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
+
+
+def _copy_exclusive(source: Path, target: Path) -> None:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as out:
+        out.write(source.read_bytes())
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or (where possible) a directory; best effort for directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> None:
+    """The locked file must still be the one at ``path`` (not swapped meanwhile)."""
+    if not sys.platform.startswith("linux"):
+        return
+    locked, current = os.fstat(fd), os.stat(path)
+    if (locked.st_dev, locked.st_ino) != (current.st_dev, current.st_ino):
+        raise JournalError(f"journal {path} was replaced while it was being opened")
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise JournalError(f"no journal at {path}")
@@ -433,113 +672,60 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
 
 
-def _acquire_lock(path: Path) -> int:
-    """Exclusive, non-blocking lock on ``<path>-lock``; the OS drops it if the process dies."""
-    lock_path = path.with_name(path.name + "-lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise JournalError(f"cannot create lock file {lock_path}: {exc}") from exc
-    try:
-        if sys.platform == "win32":
-            import msvcrt
-
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        raise JournalError(
-            f"journal {path} is in use by another batch (lock {lock_path} is held); "
-            "two writers could submit the same prompt twice"
-        ) from exc
-    return fd
+# (st_dev, st_ino) of the files this process holds a writer lock on. Checked before
+# opening another descriptor: closing a descriptor of a file drops every fcntl lock this
+# process holds on it, sqlite's included, so a refused open must not open and close one.
+_LOCKED: set[tuple[int, int]] = set()
+_LOCKED_MUTEX = threading.Lock()
 
 
-# --------------------------------------------------------------------------- engine side
+def _acquire_lock(path: Path) -> tuple[int, tuple[int, int]]:
+    """Exclusive, non-blocking lock on the real file; the OS drops it if the process dies.
+
+    Linux: ``flock`` on the database file itself (its inode: any path, symlink or hard
+    link to it conflicts). Elsewhere: ``<resolved path>-lock`` (symlinks resolved).
+    Returns the locked descriptor and the file's identity (release with
+    :func:`_release_lock`).
+    """
+    real = path.resolve()
+    on_file = sys.platform.startswith("linux")
+    lock_path = real if on_file else real.with_name(real.name + "-lock")
+    in_use = JournalError(
+        f"journal {path} is in use by another batch; "
+        "two writers could submit the same prompt twice"
+    )
+    with _LOCKED_MUTEX:
+        try:
+            info = os.stat(real)
+        except OSError as exc:
+            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        identity = (info.st_dev, info.st_ino)
+        if identity in _LOCKED:
+            raise in_use
+        try:
+            fd = os.open(lock_path, os.O_RDONLY if on_file else os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JournalError(f"cannot open lock file {lock_path}: {exc}") from exc
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise in_use from exc
+        _LOCKED.add(identity)
+    return fd, identity
 
 
-class AsyncJournal(Protocol):
-    """What the batch engine calls: the :class:`Journal` contract, async."""
-
-    async def open(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]: ...
-
-    async def mark_submitting(self, index: int) -> None: ...
-
-    async def mark_submitted(self, index: int, task_id: str) -> None: ...
-
-    async def mark_uncertain(self, index: int, message: str) -> None: ...
-
-    async def mark_rejected(self, index: int, message: str) -> None: ...
-
-    async def mark_finished(
-        self, index: int, *, result: TaskResult | None, error: str | None
-    ) -> None: ...
-
-
-class _ThreadedJournal:
-    """A sqlite :class:`Journal` for the engine: each call in a worker thread, shielded
-    (each write is a commit + fsync; it always completes, a cancellation lands after)."""
-
-    def __init__(self, spec: str | os.PathLike[str] | Journal) -> None:
-        self._spec = spec
-        self._journal: Journal | None = spec if isinstance(spec, Journal) else None
-
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        journal = self._journal
-        assert journal is not None, "open() the journal first"
-        call = functools.partial(getattr(journal, method), *args, **kwargs)
-        with anyio.CancelScope(shield=True):
-            return await anyio.to_thread.run_sync(call)
-
-    async def open(self) -> None:
-        if self._journal is None:
-            spec = self._spec
-            assert not isinstance(spec, Journal)
-            self._journal = await anyio.to_thread.run_sync(Journal, spec)
-
-    async def aclose(self) -> None:
-        journal = self._journal
-        if journal is not None and not isinstance(self._spec, Journal):
-            self._journal = None
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(journal.close)
-
-    async def begin(self, entries: Sequence[tuple[int, str]]) -> dict[int, JournalRecord]:
-        records: dict[int, JournalRecord] = await self._call("begin", entries)
-        return records
-
-    async def mark_submitting(self, index: int) -> None:
-        await self._call("mark_submitting", index)
-
-    async def mark_submitted(self, index: int, task_id: str) -> None:
-        await self._call("mark_submitted", index, task_id)
-
-    async def mark_uncertain(self, index: int, message: str) -> None:
-        await self._call("mark_uncertain", index, message)
-
-    async def mark_rejected(self, index: int, message: str) -> None:
-        await self._call("mark_rejected", index, message)
-
-    async def mark_finished(
-        self, index: int, *, result: TaskResult | None, error: str | None
-    ) -> None:
-        await self._call("mark_finished", index, result=result, error=error)
-
-
-def as_async_journal(spec: str | os.PathLike[str] | Journal | AsyncJournal) -> AsyncJournal:
-    """The engine's view of ``journal=``: a path or a :class:`Journal` (run in threads;
-    a path is opened and closed by the engine, a Journal object is left open), or an
-    object that already speaks :class:`AsyncJournal` (e.g. a Redis journal)."""
-    if isinstance(spec, (str, os.PathLike, Journal)):
-        return _ThreadedJournal(spec)
-    return spec
+def _release_lock(fd: int, identity: tuple[int, int]) -> None:
+    with _LOCKED_MUTEX:
+        _LOCKED.discard(identity)
+        os.close(fd)  # releases the lock
 
 
 Replay = Literal["send", "wait", "succeeded", "failed", "uncertain"]

@@ -1,7 +1,11 @@
 """Frozen, slotted, keyword-only models for requests and results.
 
 Request models validate every documented range on construction and raise
-:class:`~novita_async.InvalidRequestError` before anything is sent. Result models
+:class:`~novita_async.InvalidRequestError` before anything is sent. Messages name the
+field as it is passed to the constructor and say what was wrong with the value, in
+one form: ``width must be 128-2048, got 99999``. Text must be valid Unicode (no lone
+surrogates, which cannot be encoded as UTF-8 JSON), and ``Extra.additional`` must be
+plain JSON data (finite numbers, str keys, at most ``MAX_ADDITIONAL_NESTING`` levels). Result models
 are built by the converter in ``_convert.py``; they never validate, they accept.
 """
 
@@ -24,6 +28,8 @@ __all__ = [
     "AudioMetadata",
     "CustomStorage",
     "CLIP_SKIP_RANGE",
+    "MAX_ADDITIONAL_NESTING",
+    "SEED_MAX",
     "DebugInfo",
     "Embedding",
     "EnterprisePlan",
@@ -85,7 +91,25 @@ _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
 def _fail(inst: Any, attribute: attrs.Attribute[Any], why: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{type(inst).__name__}.{attribute.name} {why}")
+    """``<field> <why>``: the field as the user passed it, e.g. ``width must be …``."""
+    return InvalidRequestError(f"{attribute.name} {why}")
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    if hi is None:
+        return f">= {lo}"
+    if lo is None:
+        return f"<= {hi}"
+    return f"{lo} to {hi}" if lo < 0 else f"{lo}-{hi}"
+
+
+def _unencodable(text: str) -> int | None:
+    """Position of the first character UTF-8 cannot encode (a lone surrogate), if any."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _none(inst: Any, attribute: attrs.Attribute[Any], optional: bool) -> None:
@@ -112,8 +136,7 @@ def _number(
         if not math.isfinite(number):
             raise _fail(inst, attribute, f"must be finite, got {value!r}")
         if (lo is not None and number < lo) or (hi is not None and number > hi):
-            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-            raise _fail(inst, attribute, f"must be in {bounds}, got {value!r}")
+            raise _fail(inst, attribute, f"must be {_range(lo, hi)}, got {value!r}")
 
     return check
 
@@ -129,6 +152,13 @@ def _text(lo: int, hi: int | None = None, *, optional: bool = False) -> _Validat
         if len(value) < lo or (hi is not None and len(value) > hi):
             limit = f"{lo}-{hi}" if hi is not None else f">= {lo}"
             raise _fail(inst, attribute, f"must have {limit} characters, got {len(value)}")
+        bad = _unencodable(value)
+        if bad is not None:
+            raise _fail(
+                inst,
+                attribute,
+                f"must be valid Unicode text, got a lone surrogate {value[bad]!r} at {bad}",
+            )
 
     return check
 
@@ -141,7 +171,7 @@ def _one_of(choices: frozenset[Any], kind: type, *, optional: bool = False) -> _
             return _none(inst, attribute, optional)
         if type(value) is not kind or value not in choices:
             shown = ", ".join(sorted(map(repr, choices)))
-            raise _fail(inst, attribute, f"must be one of {shown}; got {value!r}")
+            raise _fail(inst, attribute, f"must be one of {shown}, got {value!r}")
 
     return check
 
@@ -159,7 +189,7 @@ def _flag(*, optional: bool = False) -> _Validator:
 def _items(kind: type, max_len: int) -> _Validator:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
         if len(value) > max_len:
-            raise _fail(inst, attribute, f"accepts at most {max_len} items, got {len(value)}")
+            raise _fail(inst, attribute, f"must have at most {max_len} items, got {len(value)}")
         for item in value:
             if not isinstance(item, kind):
                 raise _fail(inst, attribute, f"items must be {kind.__name__}, got {item!r}")
@@ -177,18 +207,61 @@ def _instance(kind: type, *, optional: bool = True) -> _Validator:
     return check
 
 
-def _as_tuple(value: Any) -> tuple[Any, ...]:
+def _sequence(name: str, value: Any) -> tuple[Any, ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise InvalidRequestError(f"expected a sequence, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a sequence, got {value!r}")
     return tuple(value)
+
+
+def _as_loras(value: Any) -> tuple[Any, ...]:
+    return _sequence("loras", value)
+
+
+def _as_embeddings(value: Any) -> tuple[Any, ...]:
+    return _sequence("embeddings", value)
+
+
+#: How deeply ``Extra.additional`` may nest objects and lists.
+MAX_ADDITIONAL_NESTING = 32
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
-        raise InvalidRequestError(f"Extra.additional must be a mapping, got {value!r}")
+        raise InvalidRequestError(f"additional must be a mapping, got {value!r}")
     if not all(isinstance(key, str) for key in value):
-        raise InvalidRequestError("Extra.additional keys must be str")
+        raise InvalidRequestError("additional keys must be str")
     return dict(value)
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` is not plain JSON data (None if it is); iterative, any depth."""
+    stack: list[tuple[Any, str, int]] = [(value, "additional", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if item is None or isinstance(item, (bool, int)):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{where} must be a finite number, got {item!r}"
+        elif isinstance(item, str):
+            bad = _unencodable(item)
+            if bad is not None:
+                return f"{where} must be valid Unicode text, got a lone surrogate at {bad}"
+        elif isinstance(item, (Mapping, list, tuple)):
+            if depth >= MAX_ADDITIONAL_NESTING:
+                return f"{where} must nest at most {MAX_ADDITIONAL_NESTING} levels"
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return f"{where} keys must be str, got {key!r}"
+                    if _unencodable(key) is not None:
+                        return f"{where} keys must be valid Unicode text, got {key!r}"
+                    stack.append((child, f"{where}[{key!r}]", depth + 1))
+            else:
+                stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
+        else:
+            return f"{where} must be JSON data, got {type(item).__name__}: {item!r:.100}"
+    return None
 
 
 # --------------------------------------------------------------------------- request side
@@ -237,6 +310,12 @@ class Refiner:
 CLIP_SKIP_RANGE = (1, 12)
 
 
+#: Largest ``seed``. Novita documents only the minimum (-1, random); its Stable Diffusion
+#: backends draw and take seeds as unsigned 32-bit integers (the seeds in its answers and
+#: the WebUI it mirrors stay below 2**32), so anything larger is refused before sending.
+SEED_MAX = 2**32 - 1
+
+
 @attrs.frozen(kw_only=True)
 class Txt2ImgRequest:
     """The ``request`` object of ``POST /v3/async/txt2img``.
@@ -247,7 +326,7 @@ class Txt2ImgRequest:
 
     Ranges (Novita's documented ones, checked on construction): prompt and
     negative_prompt 1-1024 characters, width/height 128-2048, image_num 1-8,
-    steps 1-100, guidance_scale 1-30, seed >= -1 (-1 = random), clip_skip 1-12
+    steps 1-100, guidance_scale 1-30, seed -1 to ``SEED_MAX`` (-1 = random), clip_skip 1-12
     (see ``CLIP_SKIP_RANGE``), sampler_name one of ``SAMPLERS``, at most 5 loras
     and 5 embeddings. Required API fields have Novita's example values as
     defaults; every optional field left as ``None`` (or empty) is omitted from
@@ -269,16 +348,16 @@ class Txt2ImgRequest:
     )
     sd_vae: str | None = attrs.field(default=None, validator=_text(1, optional=True))
     seed: int | None = attrs.field(
-        default=None, validator=_number(-1, None, integer=True, optional=True)
+        default=None, validator=_number(-1, SEED_MAX, integer=True, optional=True)
     )
     clip_skip: int | None = attrs.field(
         default=None, validator=_number(*CLIP_SKIP_RANGE, integer=True, optional=True)
     )
     loras: tuple[Lora, ...] = attrs.field(
-        default=(), converter=_as_tuple, validator=_items(Lora, 5)
+        default=(), converter=_as_loras, validator=_items(Lora, 5)
     )
     embeddings: tuple[Embedding, ...] = attrs.field(
-        default=(), converter=_as_tuple, validator=_items(Embedding, 5)
+        default=(), converter=_as_embeddings, validator=_items(Embedding, 5)
     )
     hires_fix: HiresFix | None = attrs.field(default=None, validator=_instance(HiresFix))
     refiner: Refiner | None = attrs.field(default=None, validator=_instance(Refiner))
@@ -384,6 +463,9 @@ class Extra:
         clash = sorted(typed & set(value))
         if clash:
             raise _fail(self, attribute, f"must not repeat typed fields: {', '.join(clash)}")
+        problem = _json_problem(value)
+        if problem is not None:
+            raise InvalidRequestError(problem)
 
 
 # --------------------------------------------------------------------------- result side

@@ -9,11 +9,26 @@ server side. ``burst`` optionally smooths admissions (a token bucket refilled at
 the same rate) for servers that count over shorter spans.
 
 On a 429 the caller reports :meth:`WeightedRateLimiter.on_rate_limited`: the
-refused admission is refunded, everyone pauses (``Retry-After`` if given), and
-the limit drops: from unlimited to the number of images Novita accepted just
-before the refusal (Novita's default 20 if none), otherwise to half. It grows
-back additively after each quiet ``recovery_period`` up to the configured rate
-(AIMD).
+refused admission is refunded and everyone pauses (``Retry-After`` if given, else
+one image's share of the window). The limit drops at most once per slow-down
+period, not once per refused answer:
+
+* it drops from unlimited to the number of images Novita accepted just before the
+  refusal (Novita's default 20 if none), otherwise to half (never below
+  ``min_per_minute``);
+* a 429 does not lower it again if it refuses work admitted before the last
+  slow-down, or arrives before that slow-down's *hold-off* ends: the end of the
+  pause it caused plus one ``recovery_period``. So a storm of refusals (one
+  overshoot, or a burst of transient 429s and their retries) costs one slow-down
+  per Retry-After period, not one per answer.
+
+Recovery is quick once answers are clean: every ``recovery_period`` (default 5 s)
+without a 429, counted from the end of the last pause, doubles the limit, up to
+the configured ``per_minute``. An unpaced limiter (``per_minute=None``) becomes
+unpaced again after ``UNPACE_AFTER`` clean periods (20 s by default). A limit
+that is really too high meets its next 429 within a period or two and halves
+again, so the rate hunts around the real quota; refused work is refunded and
+costs nothing but the retry.
 
 Waiters are served first come, first served, so a heavy request is never starved
 by light ones. Time is ``anyio.current_time()`` (trio's ``MockClock`` works).
@@ -34,6 +49,8 @@ WINDOW = 60.0
 #: Novita's default txt2img quota (images per minute): the first guess when a 429
 #: arrives before anything was accepted.
 DEFAULT_QUOTA = 20.0
+#: Clean recovery periods after which an unpaced limiter is unpaced again.
+UNPACE_AFTER = 4
 
 
 class Admission:
@@ -65,7 +82,7 @@ class WeightedRateLimiter:
         *,
         burst: float | None = None,
         min_per_minute: float = 1.0,
-        recovery_period: float = 60.0,
+        recovery_period: float = 5.0,
         max_pause: float = 60.0,
     ) -> None:
         for name, value in (("per_minute", per_minute), ("burst", burst)):
@@ -82,9 +99,9 @@ class WeightedRateLimiter:
         self._max_pause = max_pause
         # Current (reduced) limit; None = unlimited. Recovery is computed lazily.
         self._limit: float | None = per_minute
-        self._step = per_minute / 10 if per_minute is not None else 1.0
         self._quiet_since = 0.0
         self._decrease_seq = -1
+        self._hold_until = -math.inf
         self._paused_until = -math.inf
         self._log: deque[Admission] = deque()
         self._total = 0.0
@@ -120,9 +137,23 @@ class WeightedRateLimiter:
             return None
         if self._ceiling is not None and self._limit >= self._ceiling:
             return self._ceiling
-        periods = math.floor(max(now - self._quiet_since, 0.0) / self._recovery_period)
-        limit = self._limit + self._step * periods
+        periods = self._clean_periods(now)
+        if self._ceiling is None and periods >= UNPACE_AFTER:
+            return None
+        limit = self._limit * 2.0 ** min(periods, 60)
         return limit if self._ceiling is None else min(limit, self._ceiling)
+
+    def _clean_periods(self, now: float) -> int:
+        return math.floor(max(now - self._quiet_since, 0.0) / self._recovery_period)
+
+    def _next_recovery(self, now: float) -> float:
+        """Seconds until the limit next grows (inf if it cannot grow)."""
+        if self._limit is None or (self._ceiling is not None and self._limit >= self._ceiling):
+            return math.inf
+        if now < self._quiet_since:
+            return self._quiet_since - now + self._recovery_period
+        step = (self._clean_periods(now) + 1) * self._recovery_period
+        return max(self._quiet_since + step - now, 0.0)
 
     def _purge(self, now: float) -> None:
         log = self._log
@@ -156,6 +187,9 @@ class WeightedRateLimiter:
             tokens = self._tokens_now(now, rate)
             if tokens + 1e-9 < need:
                 delay = max(delay, (need - tokens) / rate)
+        if delay > 0:  # a growing limit may admit sooner: look again when it grows
+            pause = max(self._paused_until - now, 0.0)
+            delay = min(delay, max(pause, self._next_recovery(now)))
         return max(delay, 0.0)
 
     def _tokens_now(self, now: float, rate: float) -> float:
@@ -217,17 +251,20 @@ class WeightedRateLimiter:
     def on_rate_limited(
         self, retry_after: float | None = None, admission: Admission | None = None
     ) -> None:
-        """Report a 429: refund ``admission``, slow down and pause everyone.
+        """Report a 429: refund ``admission``, pause everyone, slow down once per period.
 
-        Only a refusal of work admitted after the last slow-down lowers the limit
-        again, so a burst of 429s from one overshoot counts once.
+        The limit is lowered only by a refusal of work admitted after the last
+        slow-down that arrives after that slow-down's hold-off (its pause plus one
+        ``recovery_period``); see the module docstring.
         """
         now = anyio.current_time()
         self.rate_limited += 1
         if admission is not None:
             self.refund(admission)
-        fresh = admission is None or admission.seq > self._decrease_seq
         current = self._limit_at(now)
+        fresh = (admission is None or admission.seq > self._decrease_seq) and (
+            now >= self._hold_until
+        )
         if fresh:
             if current is None:
                 # First 429 while unlimited: what Novita accepted just before is the quota.
@@ -238,15 +275,18 @@ class WeightedRateLimiter:
                     if not entry.refunded and (admission is None or entry.seq < admission.seq)
                 )
                 new = max(self._min, accepted if accepted > 0 else DEFAULT_QUOTA)
-                self._step = max(1.0, max(new, DEFAULT_QUOTA) / 10)
             else:
                 new = max(self._min, current / 2)
             self._limit = new
             self._decrease_seq = self._seq
         else:
             self._limit = current
-        self._quiet_since = now
         limit = self._limit if self._limit is not None else self._min
         pause = retry_after if retry_after is not None else max(1.0, WINDOW / limit)
-        self._paused_until = max(self._paused_until, now + min(max(pause, 0.0), self._max_pause))
+        pause = min(max(pause, 0.0), self._max_pause)
+        self._paused_until = max(self._paused_until, now + pause)
+        # Clean time (for recovery) starts when the pause ends.
+        self._quiet_since = max(now, self._paused_until)
+        if fresh:
+            self._hold_until = self._paused_until + self._recovery_period
         self._notify()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio.lowlevel
 import attrs
 
 from ._convert import request_body, submit_task_id
@@ -78,6 +79,9 @@ class _Attempts:
         try:
             for limiter in self.limiters:
                 self.admissions.append((limiter, await limiter.acquire(self.weight)))
+            # A task woken by its admission may resume after a cancellation was asked
+            # for; it must not send then: the shielded POST would hide the cancellation.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:  # cancelled while waiting: give back what was taken
             self._refund()
             raise

@@ -30,6 +30,7 @@ import anyio
 import attrs
 import httpx
 
+from ._convert import decode_json
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -267,7 +268,7 @@ def _text_of(response: httpx.Response) -> str:
 def _body_code(text: str) -> int | None:
     try:
         data = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     code = data.get("code") if isinstance(data, dict) else None
     return code if isinstance(code, int) and not isinstance(code, bool) else None
@@ -337,14 +338,8 @@ def _connection_error(exc: httpx.RequestError, method: str, path: str) -> APICon
 
 
 def _decode_json(response: httpx.Response, content: bytes) -> Any:
-    try:
-        return json.loads(content)
-    except (ValueError, RecursionError) as exc:  # ValueError includes UnicodeDecodeError
-        method, path = _request_of(response)
-        raise MalformedResponseError(
-            f"{method} {path}: {response.status_code} body is not JSON",
-            body=content[:2000].decode("utf-8", "replace"),
-        ) from None if isinstance(exc, RecursionError) else exc
+    method, path = _request_of(response)
+    return decode_json(content, what=f"{method} {path}: {response.status_code}")
 
 
 def _read(response: httpx.Response, content: bytes) -> Any:
@@ -397,7 +392,8 @@ class Attempts(Protocol):
     """What a caller plugs into :meth:`Transport.request` around each attempt."""
 
     async def admit(self) -> None:
-        """Before every attempt (cancellable): pacing."""
+        """Before every attempt: pacing. Raises if the caller was cancelled meanwhile
+        (the attempt that follows is shielded)."""
 
     async def sending(self) -> None:
         """Just before the bytes go, inside the shield (e.g. a journal write)."""

@@ -306,7 +306,7 @@ async def test_429_slows_down_and_retries_without_duplicates() -> None:
     assert emu.tasks_created == 10  # no request paid twice
     assert counting.posts_sent == 13  # the three refusals were sent again
     assert run.limiter.rate_limited == 3
-    assert run.limiter.per_minute == 600 / 8  # halved on each fresh refusal
+    assert run.limiter.per_minute == 600 / 2  # one slow-down per Retry-After period, not per answer
 
 
 async def test_first_429_when_unpaced_switches_to_adaptive_pacing() -> None:

@@ -26,11 +26,13 @@ from novita_async import (
 )
 from novita_async._convert import (
     converter,
+    decode_json,
     envelope_error,
     model,
     parse_error_body,
     submit_task_id,
     task_result,
+    task_result_for,
     webhook_event,
 )
 
@@ -773,3 +775,94 @@ def test_string_fields_accept_null_and_scalars(wire: Any, expected: str) -> None
     result = task_result({"task": {"task_id": "t", "reason": wire, "task_type": wire}})
     assert result.task.reason == expected
     assert result.task.task_type == expected
+
+
+# --------------------------------------------------------------------------- hostile answers
+
+
+def nested(depth: int) -> list[Any]:
+    """``[[[…]]]`` ``depth`` levels deep, built without recursion."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+DEEP_TEXT = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("content", [DEEP_TEXT, DEEP_TEXT.encode(), b"{", b"\xff\xfe", ""])
+def test_decode_json_raises_only_malformed_response(content: str | bytes) -> None:
+    with pytest.raises(MalformedResponseError, match="task-result body is") as info:
+        decode_json(content, what="task-result")
+    assert len(info.value.body) <= 2000
+
+
+def test_decode_json_returns_the_document() -> None:
+    assert decode_json(b'{"task_id": "t"}') == {"task_id": "t"}
+
+
+def test_deeply_nested_answers_are_malformed_not_recursion_errors() -> None:
+    """Regression: a deeply nested answer escaped as a raw RecursionError."""
+    deep = nested(100_000)
+    with pytest.raises(MalformedResponseError) as info:
+        task_result({"task": {"task_id": deep}})
+    assert "too deeply" in info.value.body
+    with pytest.raises(MalformedResponseError):
+        task_result(deep)
+    with pytest.raises(MalformedResponseError):
+        model({"id": deep})
+    with pytest.raises(MalformedResponseError):
+        submit_task_id({"task_id": deep})
+    with pytest.raises(MalformedResponseError):
+        webhook_event({"event_type": "ASYNC_TASK_RESULT", "payload": {"task": deep}})
+    reason, message, metadata = parse_error_body(DEEP_TEXT)
+    assert (reason, len(message), metadata) == ("", 500, {})
+    _, _, metadata = parse_error_body(json.dumps({"metadata": {"a": nested(500)}}))
+    assert metadata == {}
+
+
+def test_deep_request_info_is_dropped_and_the_result_dumps_again() -> None:
+    """``request_info`` too deep to dump again (the journal stores results as JSON) is None."""
+    as_text = minimal(extra={"debug_info": {"request_info": DEEP_TEXT}})
+    as_object = minimal(extra={"debug_info": {"request_info": {"x": nested(900)}}})
+    for body in (as_text, as_object):
+        result = task_result(body)
+        assert result.extra.debug_info is not None
+        assert result.extra.debug_info.request_info is None
+        json.dumps(converter.unstructure(result))
+    shallow = minimal(extra={"debug_info": {"request_info": {"x": nested(10)}}})
+    info = task_result(shallow).extra.debug_info
+    assert info is not None
+    assert info.request_info == {"x": nested(10)}
+
+
+def test_task_result_for_checks_the_task_id() -> None:
+    """Regression (issue #10): an answer for another task resolved the wait for T1."""
+    body = minimal()
+    body["task"]["task_id"] = "OTHER"
+    with pytest.raises(MalformedResponseError, match="'OTHER', not the task asked for"):
+        task_result_for(body, "T1")
+    body["task"]["task_id"] = "T1"
+    assert task_result_for(body, "T1") == task_result(body)
+    assert task_result_for({"code": 0, "data": body}, "T1").task_id == "T1"  # v2 envelope
+
+
+@pytest.mark.parametrize("missing", [None, "", "absent"])
+def test_task_result_for_fills_in_a_missing_task_id(missing: str | None) -> None:
+    body = minimal()
+    if missing == "absent":
+        del body["task"]["task_id"]
+    else:
+        body["task"]["task_id"] = missing
+    result = task_result_for(body, "T1")
+    assert result.task_id == "T1"
+    assert result.status is TaskStatus.PROCESSING
+    with pytest.raises(MalformedResponseError):
+        task_result(body)  # without the asked id there is nothing to fill in
+
+
+@pytest.mark.parametrize("body", [None, [], {"task": None}, {"images": []}, "text"])
+def test_task_result_for_rejects_bodies_without_a_task(body: Any) -> None:
+    with pytest.raises(MalformedResponseError):
+        task_result_for(body, "T1")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import struct
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,10 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 FAST_RETRY = RetryPolicy(max_retries=2, initial_backoff=0.0, max_backoff=0.0)
 
 Handler = Callable[[httpx.Request], Any]
+
+
+def sha8(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def names_in(directory: Path) -> list[str]:
@@ -283,16 +291,17 @@ async def test_save_images_names_are_safe_ordered_and_typed(tmp_path: Path) -> N
     async with client_for(host) as client:
         paths = await client.save_images(result, tmp_path)
     names = [p.name for p in paths]
+    stem = f"evil_task_id-{sha8('../../evil/task id')}"  # sanitized: the hash keeps it unique
     assert names == [
-        "evil_task_id-0.png",
-        "evil_task_id-1.jpg",
-        "evil_task_id-2.webp",
-        "evil_task_id-3.webp",  # whitelisted suffix from the URL
-        "evil_task_id-4.bin",  # never the URL's path itself
-        "evil_task_id-5.png",
-        "evil_task_id-6.png",
-        "evil_task_id-7.png",
-        "evil_task_id-8.png",
+        f"{stem}-0.png",
+        f"{stem}-1.jpg",
+        f"{stem}-2.webp",
+        f"{stem}-3.webp",  # whitelisted suffix from the URL
+        f"{stem}-4.bin",  # never the URL's path itself
+        f"{stem}-5.png",
+        f"{stem}-6.png",
+        f"{stem}-7.png",
+        f"{stem}-8.png",
     ]
     assert all(p.parent == tmp_path for p in paths)
     assert sorted(names) == names  # sorts in image order
@@ -306,7 +315,7 @@ async def test_save_images_prefix_and_zero_padding(tmp_path: Path) -> None:
     images = [Image(image_url=presigned(), image_type="png") for _ in range(11)]
     async with client_for(host) as client:
         paths = await client.save_images(result_with(*images), tmp_path, prefix="fox/../run 1")
-    assert paths[0].name == "fox_._run_1-00.png"
+    assert paths[0].name == f"fox_._run_1-{sha8('fox/../run 1')}-00.png"
     assert paths[10].name.endswith("-10.png")
     assert ".." not in paths[0].name
 
@@ -440,3 +449,167 @@ async def test_emulator_faults_retried_or_reported(tmp_path: Path) -> None:
         assert info.value.status_code == 503
     assert names_in(tmp_path) == []
     assert emu.image_auth_headers == 0
+
+
+# --------------------------------------------------------------------------- hostile hosts (#10)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+REAL_PNG = (
+    b"\x89PNG\r\n\x1a\n"
+    + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+    + png_chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00\x00\xff\x00" * 2))
+    + png_chunk(b"IEND", b"")
+)
+
+
+class Halves(httpx.AsyncByteStream):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data[: len(self.data) // 2]
+        yield self.data[len(self.data) // 2 :]
+
+
+def streamed(data: bytes, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
+    """A response streamed in two halves with exactly ``headers``: without a
+    content-length it is close-delimited, like an HTTP/1.0-style body."""
+    return lambda request: httpx.Response(200, headers=headers, stream=Halves(data))
+
+
+async def test_redirect_loop_is_a_download_error() -> None:
+    """Regression: httpx.TooManyRedirects escaped raw (the CLI died with an ExceptionGroup)."""
+    host = ImageHost(lambda request: httpx.Response(302, headers={"location": str(request.url)}))
+    async with client_for(host) as client:
+        with pytest.raises(DownloadError, match="redirects"):
+            await client.download_image(presigned())
+    assert 2 <= len(host.requests) <= 30
+
+
+# httpx leaves its inner ``aiter_raw`` generator suspended when decoding fails (not ours to
+# close); trio reports it when it is garbage-collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_undecodable_body_is_a_download_error(tmp_path: Path) -> None:
+    """Regression: httpx.DecodingError (a bad gzip body) escaped raw."""
+    host = ImageHost(streamed(b"this is not gzip at all", **{"content-encoding": "gzip"}))
+    async with client_for(host) as client:
+        with pytest.raises(DownloadError, match="DecodingError"):
+            await client.download_image(presigned())
+        with pytest.raises(DownloadError):
+            await client.save_image(presigned(), tmp_path / "a.png")
+    assert names_in(tmp_path) == []
+
+
+async def test_redirect_to_a_non_http_url_is_a_download_error() -> None:
+    host = ImageHost(lambda request: httpx.Response(302, headers={"location": "file:///etc/x"}))
+    async with client_for(host) as client:
+        with pytest.raises(DownloadError, match="http"):
+            await client.download_image(presigned())
+
+
+async def test_unwritable_target_is_a_download_error(tmp_path: Path) -> None:
+    """OSError while saving (here: the target is a directory) is a DownloadError too."""
+    (tmp_path / "taken.png").mkdir()
+    (tmp_path / "a-file").write_bytes(b"")
+    host = ImageHost()
+    async with client_for(host) as client:
+        with pytest.raises(DownloadError, match="cannot save image") as info:
+            await client.save_image(presigned(), tmp_path / "taken.png")
+        assert isinstance(info.value.__cause__, OSError)
+        with pytest.raises(DownloadError, match="cannot save image"):
+            await client.save_image(presigned(), tmp_path / "a-file" / "x.png")
+    assert names_in(tmp_path) == ["a-file", "taken.png"]  # no .part left
+
+
+async def test_body_shorter_than_content_length_is_not_saved(tmp_path: Path) -> None:
+    """Regression: a body cut before its Content-Length was saved as if complete."""
+    host = ImageHost(streamed(PNG[:1000], **{"content-length": str(len(PNG))}))
+    async with client_for(host) as client:
+        with pytest.raises(DownloadError, match=f"cut short: 1000 of {len(PNG)} bytes"):
+            await client.save_image(presigned(), tmp_path / "a.png")
+    assert names_in(tmp_path) == []
+    assert len(host.requests) == 3  # retried like a cut connection
+
+
+async def test_close_delimited_body_must_end_like_its_format(tmp_path: Path) -> None:
+    """Regression: a close-delimited PNG cut in the middle was saved as if complete."""
+    host = ImageHost(streamed(REAL_PNG[:-5]))
+    async with client_for(host) as client:
+        with pytest.raises(DownloadError, match="connection closed after"):
+            await client.save_image(presigned(), tmp_path / "cut.png")
+        assert names_in(tmp_path) == []
+        host.script.append(streamed(REAL_PNG[:-5]))
+        host.default = streamed(REAL_PNG)  # the retry gets all of it
+        saved = await client.save_image(presigned(), tmp_path / "whole.png")
+        assert saved.read_bytes() == REAL_PNG
+        jpeg = b"\xff\xd8\xff\xe0" + bytes(100)
+        host.default = streamed(jpeg)
+        with pytest.raises(DownloadError, match="cut short"):
+            await client.download_image(presigned())
+        host.default = streamed(jpeg + b"\xff\xd9")
+        assert await client.download_image(presigned()) == jpeg + b"\xff\xd9"
+        host.default = streamed(b"unknown format")  # nothing to check: taken as it is
+        assert await client.download_image(presigned()) == b"unknown format"
+
+
+async def test_non_ascii_prefixes_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    """Regression: 猫 and 犬 were both sanitized to task-0.png, the second overwrote the first."""
+    host = ImageHost(lambda request: httpx.Response(200, content=request.url.path.encode()))
+    async with client_for(host) as client:
+        cat = await client.save_images(
+            result_with(Image(image_url=presigned("/cat.png"))), tmp_path, prefix="猫"
+        )
+        dog = await client.save_images(
+            result_with(Image(image_url=presigned("/dog.png"))), tmp_path, prefix="犬"
+        )
+    assert cat[0] != dog[0]
+    assert cat[0].read_bytes() == b"/cat.png"
+    assert dog[0].read_bytes() == b"/dog.png"
+    assert cat[0].name == f"task-{sha8('猫')}-0.png"  # the suffix from the URL
+    assert image_filename("t", 0, Image(image_url="u"), prefix="run-1") == "run-1-0.bin"  # safe
+
+
+async def test_stale_part_files_are_cleaned_on_the_next_save(tmp_path: Path) -> None:
+    """Regression: ``.part`` files left by a kill -9 stayed in the folder for ever."""
+    old = time.time() - 3600
+    stale = tmp_path / ".image-0.png.0123abcd.part"
+    fresh = tmp_path / ".image-1.png.89abcdef.part"  # maybe another live process's
+    foreign = tmp_path / ".notes.part"  # not our naming pattern
+    for path in (stale, fresh, foreign):
+        path.write_bytes(b"partial")
+    os.utime(stale, (old, old))
+    os.utime(foreign, (old, old))
+    host = ImageHost()
+    async with client_for(host) as client:
+        await client.save_image(presigned(), tmp_path / "new.png")
+    assert names_in(tmp_path) == [".image-1.png.89abcdef.part", ".notes.part", "new.png"]
+
+
+async def test_user_client_cookies_are_not_sent_on_redirects() -> None:
+    """Regression: httpx re-added the user's cookie jar on every redirect hop."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "redirector.test":
+            return httpx.Response(302, headers={"location": presigned()})
+        return httpx.Response(200, content=PNG)
+
+    http = httpx.AsyncClient(
+        transport=httpx.MockTransport(handler),
+        cookies={"session": "user-secret"},
+        headers={"Authorization": "Bearer secret-key"},
+    )
+    async with http, AsyncNovita("secret-key", http_client=http) as client:
+        assert await client.download_image("https://redirector.test/img.png") == PNG
+    assert [r.url.host for r in seen] == ["redirector.test", httpx.URL(IMAGES).host]
+    for request in seen:
+        assert "cookie" not in request.headers
+        assert "authorization" not in request.headers
+        assert "user-secret" not in str(request.headers)
+        assert request.headers["user-agent"].startswith("novita-async/")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -399,6 +401,92 @@ def test_submitting_survives_kill_9_right_after_the_write(db: Path) -> None:
     assert states == [("submitted", "task-0", 1), ("submitting", None, 1)]
 
 
+def _kill_writer_midway(db: Path) -> None:
+    """A child creates the journal, writes rows and dies by SIGKILL (no close, no checkpoint
+    on close): what a batch killed with ``kill -9`` leaves behind."""
+    child = textwrap.dedent(
+        f"""
+        import os, signal
+        from novita_async import Journal
+        journal = Journal({str(db)!r})
+        journal.begin([(0, "k0"), (1, "k1"), (2, "k2")])
+        journal.mark_submitting(0)
+        journal.mark_submitted(0, "task-0")
+        journal.mark_submitting(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+KILLED_STATES = [("submitted", "task-0"), ("submitting", None), ("new", None)]
+
+
+def test_main_file_alone_keeps_every_row_after_kill_9(tmp_path: Path, db: Path) -> None:
+    """Regression: the rows lived only in ``batch.db-wal``; a copy of ``batch.db`` alone
+    opened as a fresh journal and the rerun paid for every prompt again."""
+    _kill_writer_midway(db)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copyfile(db, moved / "batch.db")  # the main file only, not its -wal / -shm
+    with Journal(moved / "batch.db") as journal:
+        assert [(r.state, r.task_id) for r in journal.records()] == KILLED_STATES
+    with Journal(moved / "batch.db", read_only=True) as reader:
+        assert [(r.state, r.task_id) for r in reader.records()] == KILLED_STATES
+    with Journal(db) as journal:  # the original, with its WAL, is intact as well
+        assert [(r.state, r.task_id) for r in journal.records()] == KILLED_STATES
+
+
+def test_main_file_copied_while_the_writer_holds_it_is_complete(
+    tmp_path: Path, db: Path
+) -> None:
+    copy = tmp_path / "copy.db"
+    with Journal(db) as journal:
+        journal.begin(entries(3))
+        journal.mark_submitting(2)
+        journal.mark_submitted(2, "task-2")
+        shutil.copyfile(db, copy)
+        with Journal(copy) as copied:
+            assert [(r.state, r.task_id) for r in copied.records()] == [
+                ("new", None),
+                ("new", None),
+                ("submitted", "task-2"),
+            ]
+
+
+def test_empty_file_or_database_at_the_path_is_refused(tmp_path: Path, db: Path) -> None:
+    """Regression: a 0-byte file where the journal was expected became a fresh journal."""
+    db.write_bytes(b"")
+    with pytest.raises(JournalError, match="empty file"):
+        Journal(db)
+    assert db.read_bytes() == b""  # untouched
+    empty = tmp_path / "empty.db"
+    raw = sqlite3.connect(empty)
+    raw.execute("CREATE TABLE t (x)")
+    raw.execute("DROP TABLE t")  # a valid sqlite file with pages but no tables
+    raw.commit()
+    raw.close()
+    assert empty.stat().st_size > 0
+    with pytest.raises(JournalError, match="empty database"):
+        Journal(empty)
+
+
+def test_a_new_journal_is_created_complete_and_alone(tmp_path: Path, db: Path) -> None:
+    Journal(db).close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("-lock")) == [
+        "batch.db"
+    ]  # no temporary file left behind
+    raw = sqlite3.connect(f"{db.as_uri()}?immutable=1", uri=True)  # the main file alone
+    try:
+        assert raw.execute("PRAGMA application_id").fetchone()[0] == 0x4E564A4C
+        assert raw.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
+    finally:
+        raw.close()
+    with pytest.raises(JournalError, match="cannot create journal"):
+        Journal(tmp_path / "missing-dir" / "batch.db")
+
+
 # --------------------------------------------------------------------------- concurrency
 
 
@@ -437,6 +525,66 @@ def test_second_writer_is_refused_across_processes(db: Path) -> None:
             Journal(db)
         with Journal(db, read_only=True) as reader:  # readers are always welcome
             assert reader.records() == []
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+    Journal(db).close()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_second_writer_through_a_link_is_refused(tmp_path: Path, db: Path, link: str) -> None:
+    """Regression: the lock was ``<path>-lock`` per path, so a link to the same file got
+    its own lock and two batches paid for the same prompts."""
+    other = tmp_path / "sub" / "other-name.db"
+    other.parent.mkdir()
+    with Journal(db) as first:
+        first.begin(entries(2))
+        if link == "symlink":
+            other.symlink_to(db)
+        else:
+            os.link(db, other)
+        with pytest.raises(JournalError, match="in use by another batch"):
+            Journal(other)
+        first.mark_submitting(0)  # the refused open did not disturb the owner
+    with Journal(other) as second:  # released by close(); the link is the same journal
+        assert second.records()[0].state == "submitting"
+        with pytest.raises(JournalError, match="in use"):
+            Journal(db)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inode lock is Linux-only")
+def test_second_writer_through_a_hard_link_is_refused_across_processes(
+    tmp_path: Path, db: Path
+) -> None:
+    Journal(db).close()
+    other = tmp_path / "hard.db"
+    os.link(db, other)
+    holder = textwrap.dedent(
+        f"""
+        import sys
+        from novita_async import Journal
+        journal = Journal({str(other)!r})
+        print("open", flush=True)
+        sys.stdin.readline()
+        journal.close()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout.readline().strip() == "open"
+        with pytest.raises(JournalError, match="in use"):
+            Journal(db)
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.wait(timeout=30) == 0

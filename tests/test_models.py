@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -378,7 +379,7 @@ NUMERIC_BOUNDS: list[tuple[str, str, list[Any], list[Any]]] = [
     ("request", "image_num", [1, 8], [0, 9]),
     ("request", "steps", [1, 100], [0, 101]),
     ("request", "guidance_scale", [1, 1.0, 30, 30.0], [0.999, 30.001, 0, 31]),
-    ("request", "seed", [-1, 0, 2**32 - 1, 2**63], [-2]),
+    ("request", "seed", [-1, 0, 2**32 - 1], [-2, 2**32, 2**63]),
     (
         "request",
         "clip_skip",
@@ -670,3 +671,94 @@ def test_cost_counts_steps_megapixels_and_images() -> None:
         hires_fix=HiresFix(target_width=1000, target_height=1000, strength=0.5),
     )
     assert with_hires.cost == pytest.approx(10 * 1.25)
+
+
+# --------------------------------------------------------------------------- hostile input (#10)
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "model_name", "sd_vae"])
+def test_lone_surrogates_are_rejected_when_the_request_is_built(field: str) -> None:
+    """Regression: a lone surrogate passed validation and failed (or was mangled) at send."""
+    with pytest.raises(InvalidRequestError, match=rf"^{field} must be valid Unicode text"):
+        req(**{field: "a cat \ud83d"})
+    assert req(**{field: "a cat \U0001f408"})  # a real astral character is fine
+
+
+def test_lone_surrogates_in_nested_text_fields_are_rejected() -> None:
+    with pytest.raises(InvalidRequestError, match=r"^model_name must be valid Unicode"):
+        Lora(model_name="\udc00", strength=0.5)
+    with pytest.raises(InvalidRequestError, match=r"^url must be valid Unicode"):
+        Webhook(url="https://x.test/\ud800")
+    with pytest.raises(InvalidRequestError, match=r"^bucket must be valid Unicode"):
+        AwsS3Storage(region="r", bucket="b\ud800", path="p")
+
+
+@pytest.mark.parametrize(
+    ("additional", "message"),
+    [
+        ({"x": math.nan}, r"additional\['x'\] must be a finite number, got nan"),
+        ({"x": [1, math.inf]}, r"additional\['x'\]\[1\] must be a finite number, got inf"),
+        ({"x": {"y": -math.inf}}, r"additional\['x'\]\['y'\] must be a finite number"),
+        ({"x": "\ud800"}, r"additional\['x'\] must be valid Unicode text"),
+        ({"\ud800": 1}, "additional keys must be valid Unicode text"),
+        ({"x": {1: 2}}, r"additional\['x'\] keys must be str, got 1"),
+        ({"x": {1, 2}}, r"additional\['x'\] must be JSON data, got set"),
+        ({"x": b"raw"}, r"additional\['x'\] must be JSON data, got bytes"),
+        ({"x": object()}, r"additional\['x'\] must be JSON data, got object"),
+    ],
+)
+def test_additional_must_be_plain_json(additional: dict[str, Any], message: str) -> None:
+    """Regression: NaN / non-JSON values in Extra.additional failed only at send time."""
+    with pytest.raises(InvalidRequestError, match=f"^{message}"):
+        Extra(additional=additional)
+
+
+def test_additional_nesting_is_bounded() -> None:
+    deep: Any = 1
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidRequestError, match="must nest at most 32 levels"):
+        Extra(additional={"x": deep})
+    ok: Any = 1
+    for _ in range(31):
+        ok = [ok]
+    extra = Extra(additional={"x": ok, "n": None, "b": True, "f": 1.5, "s": "\u00e9"})
+    assert json.loads(json.dumps(request_body(req(), extra), allow_nan=False))["extra"]["x"] == ok
+
+
+@pytest.mark.parametrize(
+    ("build_", "message"),
+    [
+        (lambda: req(width=99999), "width must be 128-2048, got 99999"),
+        (lambda: req(guidance_scale=31.5), "guidance_scale must be 1-30, got 31.5"),
+        (lambda: req(seed=2**32), "seed must be -1 to 4294967295, got 4294967296"),
+        (lambda: req(seed=-2), "seed must be -1 to 4294967295, got -2"),
+        (lambda: req(steps=2.0), "steps must be an integer, got 2.0"),
+        (lambda: req(steps=math.nan), "steps must be an integer, got nan"),
+        (lambda: req(guidance_scale=math.inf), "guidance_scale must be finite, got inf"),
+        (lambda: req(prompt=""), "prompt must have 1-1024 characters, got 0"),
+        (lambda: req(sampler_name="Fast"), "sampler_name must be one of "),
+        (lambda: req(model_name=None), "model_name is required (got None)"),
+        (lambda: req(loras="lora"), "loras must be a sequence, got 'lora'"),
+        (lambda: req(embeddings=[1]), "embeddings items must be Embedding, got 1"),
+        (lambda: req(loras=[Lora(model_name="l", strength=1)] * 6), "loras must have at most 5"),
+        (lambda: req(restore_faces=1), "restore_faces must be a bool, got 1"),
+        (lambda: req(hires_fix={}), "hires_fix must be a HiresFix, got {}"),
+        (lambda: Lora(model_name="l", strength=2), "strength must be 0-1, got 2"),
+        (
+            lambda: HiresFix(target_width=5000, target_height=1024, strength=0.5),
+            "target_width must be 128-4096, got 5000",
+        ),
+        (
+            lambda: Extra(nsfw_detection_level=3),
+            "nsfw_detection_level must be one of 0, 1, 2, got 3",
+        ),
+        (lambda: Extra(additional=[1]), "additional must be a mapping, got [1]"),
+        (lambda: Webhook(url="ftp://x"), "url must be an http(s) URL, got 'ftp://x'"),
+    ],
+)
+def test_messages_name_the_field_as_written(build_: Callable[[], Any], message: str) -> None:
+    """Every validation message reads ``<field as passed> <what is wrong>, got <value>``."""
+    with pytest.raises(InvalidRequestError) as info:
+        build_()
+    assert str(info.value).startswith(message), str(info.value)

@@ -16,7 +16,7 @@ import trio
 from trio.testing import MockClock
 
 from novita_async import WeightedRateLimiter
-from novita_async._ratelimit import WINDOW, Admission
+from novita_async._ratelimit import UNPACE_AFTER, WINDOW, Admission
 
 
 def virtual(fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -156,12 +156,14 @@ def test_first_429_when_unlimited_learns_the_quota_then_halves() -> None:
         assert limiter.per_minute == 20  # one overshoot counts once
         assert limiter.rate_limited == 5
         assert limiter.admitted == 20  # refused work was refunded
-        # a refusal of work admitted after the slow-down halves the rate
+        # clean time counts from the end of the pause (t=2): the limit doubles at t=7
         later = await limiter.acquire(1)
-        assert trio.current_time() >= 60  # it waited for the window to slide
-        # a quiet minute passed meanwhile: + 10 % of the learned quota, then halved
-        limiter.on_rate_limited(admission=later)
-        assert limiter.per_minute == (20 + 2) / 2
+        assert trio.current_time() == pytest.approx(7.0)  # woke when the limit grew
+        assert limiter.per_minute == 40
+        await trio.sleep(1)  # t=8: past the hold-off (pause end 2 + recovery_period 5)
+        assert limiter.per_minute == 40
+        limiter.on_rate_limited(admission=later)  # fresh work, after the hold-off: halves
+        assert limiter.per_minute == 20
 
     virtual(main)
 
@@ -176,23 +178,20 @@ def test_429_pauses_everyone_until_retry_after() -> None:
     assert virtual(main) == pytest.approx(7.0)
 
 
-def test_recovers_additively_after_quiet_periods_up_to_the_configured_rate() -> None:
+def test_recovers_by_doubling_per_clean_period_up_to_the_configured_rate() -> None:
     async def main() -> None:
-        limiter = WeightedRateLimiter(20, recovery_period=60.0)
+        limiter = WeightedRateLimiter(80, recovery_period=5.0)
         limiter.on_rate_limited(retry_after=0)
-        assert limiter.per_minute == 10
+        assert limiter.per_minute == 40
+        await trio.sleep(4.9)
+        assert limiter.per_minute == 40
+        await trio.sleep(0.2)
+        assert limiter.per_minute == 80  # doubled after one clean period; never above 80
         await trio.sleep(60)
-        assert limiter.per_minute == 12  # + 10 % of the configured rate per quiet minute
-        await trio.sleep(60 * 3)
-        assert limiter.per_minute == 18
-        await trio.sleep(60 * 10)
-        assert limiter.per_minute == 20  # never above the configuration
-        limiter.on_rate_limited(retry_after=0)
-        limiter.on_rate_limited(retry_after=0)
-        limiter.on_rate_limited(retry_after=0)
-        limiter.on_rate_limited(retry_after=0)
-        limiter.on_rate_limited(retry_after=0)
-        assert limiter.per_minute == 1  # the floor
+        assert limiter.per_minute == 80
+        floored = WeightedRateLimiter(10, min_per_minute=8)
+        floored.on_rate_limited(retry_after=0)
+        assert floored.per_minute == 8  # the floor
 
     virtual(main)
 
@@ -241,3 +240,83 @@ async def test_refund_frees_the_window() -> None:
     with anyio.fail_after(5):
         await limiter.acquire(2)  # would wait a minute without the refund
     assert limiter.admitted == 2
+
+
+# --------------------------------------------------------------------------- 429 storms (#10)
+
+
+def test_429s_within_the_hold_off_lower_the_limit_once() -> None:
+    async def main() -> None:
+        limiter = WeightedRateLimiter(100, recovery_period=5.0)
+        first = await limiter.acquire(1)
+        limiter.on_rate_limited(retry_after=1.0, admission=first)
+        assert limiter.per_minute == 50
+        await trio.sleep(1.5)  # the pause is over; the retries go out and are refused again
+        for _ in range(3):  # at t = 1.5, 2.9, 4.3: each waits for the pause of the one before
+            retry = await limiter.acquire(1)
+            assert trio.current_time() < 1.0 + 5.0  # the hold-off: pause end + recovery_period
+            limiter.on_rate_limited(retry_after=1.0, admission=retry)
+            assert limiter.per_minute == 50  # no new slow-down
+            await trio.sleep(0.4)
+        assert limiter.rate_limited == 4
+        # answers are clean from here on: back to the configured rate within seconds
+        await trio.sleep(limiter.paused_until - trio.current_time() + 5.0)
+        assert limiter.per_minute == 100
+        # a 429 after the hold-off is a new slow-down
+        late = await limiter.acquire(1)
+        limiter.on_rate_limited(retry_after=1.0, admission=late)
+        assert limiter.per_minute == 50
+
+    virtual(main)
+
+
+def test_unpaced_limiter_is_unpaced_again_after_a_clean_stretch() -> None:
+    async def main() -> None:
+        limiter = WeightedRateLimiter(None, recovery_period=5.0)
+        limiter.on_rate_limited(retry_after=2.0)
+        assert limiter.per_minute == 20
+        await trio.sleep(2.0 + 5.0 * UNPACE_AFTER - 0.1)
+        assert limiter.per_minute == 20 * 2 ** (UNPACE_AFTER - 1)
+        await trio.sleep(0.2)
+        assert limiter.per_minute is None
+
+    virtual(main)
+
+
+def test_200_prompts_after_20_transient_429s_keep_their_pace() -> None:
+    """Regression: twenty transient 429s drove an unpaced limiter to 1 image/min, and 200
+    prompts took 861 s instead of under a second."""
+    prompts, transient, concurrency = 200, 20, 8
+
+    async def main() -> tuple[float, float | None]:
+        limiter = WeightedRateLimiter(None)
+        refusals = transient
+        queue = list(range(prompts))
+        done: list[int] = []
+
+        async def worker() -> None:
+            nonlocal refusals
+            while queue:
+                prompt = queue.pop()
+                while True:
+                    admission = await limiter.acquire(1)
+                    await trio.sleep(0.02)  # the POST's round trip
+                    if refusals > 0:  # the server's hiccup: the next 20 POSTs get a 429
+                        refusals -= 1
+                        limiter.on_rate_limited(retry_after=1.0, admission=admission)
+                        continue
+                    done.append(prompt)
+                    break
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        assert sorted(done) == list(range(prompts))
+        elapsed = trio.current_time() - start
+        await trio.sleep(5.0 * UNPACE_AFTER)
+        return elapsed, limiter.per_minute
+
+    elapsed, after = virtual(main)
+    assert elapsed < 30  # minutes before the fix; seconds of pauses and recovery now
+    assert after is None  # and the limiter is unpaced again
