@@ -604,11 +604,16 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
         raise _too_large(response, limit)
     chunks: list[bytes] = []
     size = 0
+    # Past the cap the rest is read and dropped (memory stays bounded): leaving httpx's
+    # nested body generators half-read would leave them to the garbage collector.
     async for chunk in response.aiter_bytes():
         size += len(chunk)
-        if size > limit:
-            raise _too_large(response, limit)
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif chunks:
+            chunks.clear()
+    if size > limit:
+        raise _too_large(response, limit)
     return b"".join(chunks)
 
 
