@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-import anyio.lowlevel
 import attrs
 
 from ._convert import request_body, submit_task_id
@@ -79,11 +78,8 @@ class _Attempts:
         try:
             for limiter in self.limiters:
                 self.admissions.append((limiter, await limiter.acquire(self.weight)))
-            # A task woken by its admission may resume after a cancellation was asked
-            # for; it must not send then: the shielded POST would hide the cancellation.
-            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:  # cancelled while waiting: give back what was taken
-            self._refund()
+            self.withdraw()
             raise
 
     async def sending(self) -> None:
@@ -101,7 +97,7 @@ class _Attempts:
             for limiter, admission in self.admissions:
                 limiter.on_rate_limited(error.retry_after, admission)
         elif decision != "uncertain" and _never_created(error):
-            self._refund()
+            self.withdraw()
         journal = self.journal
         if journal is not None:
             if decision == "uncertain":
@@ -114,7 +110,7 @@ class _Attempts:
             return 0.0  # the limiters pause for Retry-After themselves
         return None
 
-    def _refund(self) -> None:
+    def withdraw(self) -> None:
         for limiter, admission in self.admissions:
             limiter.refund(admission)
         self.admissions = []
@@ -175,7 +171,7 @@ class Submitter:
         except Uncertain as exc:
             cause = exc.cause
         except InvalidRequestError:
-            attempts._refund()
+            attempts.withdraw()
             raise
         else:
             return task_id

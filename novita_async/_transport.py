@@ -14,6 +14,7 @@ own scheme/host/port, and is scrubbed from every error this module raises.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import functools
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal, Protocol, TypeVar
 
 import anyio
+import anyio.lowlevel
 import attrs
 import httpx
 
@@ -164,6 +166,23 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         when = when.replace(tzinfo=datetime.timezone.utc)
     current = datetime.datetime.now(datetime.timezone.utc).timestamp() if now is None else now
     return max(when.timestamp() - current, 0.0)
+
+
+def _default_transport(max_connections: int) -> httpx.AsyncBaseTransport | None:
+    """httpx-aiohttp on asyncio (a fraction of httpx's CPU per request), else None
+    (httpx's own pool: trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport(
+        verify=_default_ssl_context(),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+    )
 
 
 @functools.cache
@@ -354,6 +373,23 @@ def _read(response: httpx.Response, content: bytes) -> Any:
     return data
 
 
+def _never_sent(exc: BaseException | None) -> bool:
+    """Whether a transport error happened before any byte of the request left.
+
+    httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` to ``ConnectTimeout``,
+    including a server hanging up after reading the body: for those the aiohttp cause
+    decides (only a failed connect, or a timeout getting a connection, is never sent).
+    """
+    if not isinstance(exc, _NEVER_SENT):
+        return False
+    cause = exc.__cause__
+    if cause is None or not type(cause).__module__.startswith("aiohttp"):
+        return True
+    import aiohttp
+
+    return isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
 def _get_retryable(error: APIStatusError) -> bool:
     status = error.status_code
     return status in (408, 429) or (status >= 500 and error.reason.upper() != "TASK_FAILED")
@@ -377,7 +413,7 @@ def should_retry(method: str, error: NovitaError) -> Decision:
             return "retry"
         return "raise"
     if isinstance(error, APIConnectionError):
-        return "retry" if isinstance(error.__cause__, _NEVER_SENT) else "uncertain"
+        return "retry" if _never_sent(error.__cause__) else "uncertain"
     if isinstance(error, MalformedResponseError):
         return "uncertain"  # a 2xx (or a 5xx) we cannot read: the task may exist
     if isinstance(error, APIStatusError):
@@ -392,8 +428,10 @@ class Attempts(Protocol):
     """What a caller plugs into :meth:`Transport.request` around each attempt."""
 
     async def admit(self) -> None:
-        """Before every attempt: pacing. Raises if the caller was cancelled meanwhile
-        (the attempt that follows is shielded)."""
+        """Before every attempt (cancellable): pacing."""
+
+    def withdraw(self) -> None:
+        """Cancelled after :meth:`admit`, before sending: give back the admission."""
 
     async def sending(self) -> None:
         """Just before the bytes go, inside the shield (e.g. a journal write)."""
@@ -438,19 +476,15 @@ class Transport:
         self.max_answer_bytes = MAX_ANSWER_BYTES
         self._owns_client = http_client is None
         self._timeout_override: httpx.Timeout | None = None
-        if http_client is None:
-            http_client = httpx.AsyncClient(
-                verify=_default_ssl_context() if transport is None else True,
-                timeout=DEFAULT_TIMEOUT if isinstance(timeout, NotGiven) else timeout,
-                limits=httpx.Limits(
-                    max_connections=max_connections, max_keepalive_connections=max_connections
-                ),
-                transport=transport,
-                follow_redirects=False,
-            )
-        elif not isinstance(timeout, NotGiven):
+        self._timeout = DEFAULT_TIMEOUT if isinstance(timeout, NotGiven) else timeout
+        self._given_transport = transport
+        if http_client is not None and not isinstance(timeout, NotGiven):
             self._timeout_override = httpx.Timeout(timeout)
-        self.http = http_client
+        self._http = http_client
+        if http_client is None and transport is not None:
+            self._http = self._owned_client(transport)
+        #: Requests in flight, FIFO: none ever waits inside a pool (pools are not fair).
+        self._in_flight: anyio.CapacityLimiter | None = None
         self.user_agent = (
             f"novita-async/{__version__} httpx/{httpx.__version__} "
             f"{platform.python_implementation()}/{platform.python_version()}"
@@ -465,6 +499,35 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"<Transport base_url={str(self.base_url)!r}>"
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The httpx client. Unless one was given (or a transport), it is made at first use:
+        on asyncio with the httpx-aiohttp transport, on trio with httpx's own pool."""
+        if self._http is None:
+            self._http = self._owned_client(_default_transport(self.max_connections))
+        return self._http
+
+    def _owned_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            verify=_default_ssl_context() if transport is None else True,
+            timeout=self._timeout,
+            limits=httpx.Limits(
+                max_connections=self.max_connections,
+                max_keepalive_connections=self.max_connections,
+            ),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    @property
+    def transport_name(self) -> str:
+        """What carries the requests: ``httpx-aiohttp``, ``httpx`` or the given one's type."""
+        if self._http is None:
+            return "not chosen yet"
+        inner = getattr(self._http, "_transport", None)
+        name = type(inner).__name__ if inner is not None else "httpx"
+        return {"AiohttpTransport": "httpx-aiohttp", "AsyncHTTPTransport": "httpx"}.get(name, name)
 
     def url(self, path: str) -> httpx.URL:
         return self.base_url.join(path.lstrip("/"))
@@ -505,8 +568,8 @@ class Transport:
         self._secret.scrub(error)
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self.http.aclose()
+        if self._owns_client and self._http is not None:
+            await self._http.aclose()
 
     async def get(
         self, path: str, *, params: Mapping[str, Any] | None = None, parse: Callable[[Any], T]
@@ -536,20 +599,42 @@ class Transport:
         """
         retry = self.retry
         failures = rate_limited = 0
+        slots = self._in_flight
+        if slots is None:
+            slots = self._in_flight = anyio.CapacityLimiter(self.max_connections)
         while True:
-            if attempts is not None:
-                await attempts.admit()
             error: NovitaError
-            try:
-                if attempts is None:
-                    return await self._attempt(method, path, params, json_body, parse)
-                with anyio.CancelScope(shield=True):
-                    await attempts.sending()
-                    answer = await self._attempt(method, path, params, json_body, parse)
-                    await attempts.accepted(answer)
-                    return answer
-            except NovitaError as exc:
-                error = exc
+            if attempts is None:
+                try:
+                    async with slots:
+                        return await self._attempt(method, path, params, json_body, parse)
+                except NovitaError as exc:
+                    error = exc
+            else:
+                await attempts.admit()
+                acquired = False
+                try:
+                    await slots.acquire()
+                    acquired = True
+                    # A task resuming with its admission or slot may do so after a
+                    # cancellation was asked for: it must not send then (the shield
+                    # below would hide the cancellation).
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                except BaseException:
+                    attempts.withdraw()
+                    if acquired:
+                        slots.release()
+                    raise
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await attempts.sending()
+                        answer = await self._attempt(method, path, params, json_body, parse)
+                        await attempts.accepted(answer)
+                        return answer
+                except NovitaError as exc:
+                    error = exc
+                finally:
+                    slots.release()
             self._secret.scrub(error)
             decision = should_retry(method, error)
             if decision == "retry":

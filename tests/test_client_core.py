@@ -142,6 +142,8 @@ def error(status: int, reason: str = "", message: str = "", **headers: str) -> h
 def make_client(max_retries: int = 3, **kwargs: Any) -> tuple[AsyncNovita, list[float]]:
     """A client whose retry sleeps are recorded instead of slept."""
     kwargs.setdefault("api_key", KEY)
+    if "http_client" not in kwargs:  # respx mocks httpx's own transport
+        kwargs.setdefault("transport", httpx.AsyncHTTPTransport())
     kwargs.setdefault(
         "retry_policy", RetryPolicy(max_retries=max_retries, initial_backoff=0.01, max_backoff=0.05)
     )
@@ -588,7 +590,7 @@ async def test_max_retries_zero_means_one_attempt(api: respx.MockRouter) -> None
 @pytest.mark.asyncio
 async def test_max_retries_argument_builds_the_policy(api: respx.MockRouter) -> None:
     route = api.get(RESULT).mock(side_effect=[error(503)] * 5)
-    client = AsyncNovita(api_key=KEY, max_retries=1)
+    client = AsyncNovita(api_key=KEY, max_retries=1, transport=httpx.AsyncHTTPTransport())
     client._transport.sleep = lambda _delay: anyio.lowlevel.checkpoint()
     async with client:
         with pytest.raises(ServerError):
@@ -825,10 +827,10 @@ async def test_api_key_from_environment(
 ) -> None:
     route = api.get(RESULT).mock(return_value=ok_result())
     monkeypatch.setenv("NOVITA_API_KEY", "env_key_abcdef")
-    async with AsyncNovita() as client:
+    async with AsyncNovita(transport=httpx.AsyncHTTPTransport()) as client:
         await client.get_task_result(TASK_ID)
     assert route.calls.last.request.headers["Authorization"] == "Bearer env_key_abcdef"
-    async with AsyncNovita(api_key=KEY) as explicit:
+    async with AsyncNovita(api_key=KEY, transport=httpx.AsyncHTTPTransport()) as explicit:
         await explicit.get_task_result(TASK_ID)
     assert route.calls.last.request.headers["Authorization"] == f"Bearer {KEY}"
 

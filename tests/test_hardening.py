@@ -32,7 +32,12 @@ NESTED = ("[" * 100_000 + "]" * 100_000).encode()
 
 def client(**kwargs: object) -> AsyncNovita:
     policy = RetryPolicy(max_retries=2, initial_backoff=0.0, max_backoff=0.0)
-    return AsyncNovita("sk_test_hardening", retry_policy=policy, **kwargs)  # type: ignore[arg-type]
+    return AsyncNovita(  # respx mocks httpx's own transport
+        "sk_test_hardening",
+        retry_policy=policy,
+        transport=httpx.AsyncHTTPTransport(),
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 @pytest.mark.parametrize("status", [200, 500])

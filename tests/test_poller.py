@@ -3,6 +3,8 @@
 Most tests run on trio with a ``MockClock`` (``autojump_threshold=0``): time is
 virtual, so they assert exact poll instants and counts and still take
 milliseconds. A few run on asyncio and trio in real time with tiny durations.
+A scheduler polls only while its loop task runs: tests wrap it in
+:func:`running`, as the client does with its own task group.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import asyncio
 import logging
 import random
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import attrs
-import httpx
 import pytest
 import trio
 import trio.testing
@@ -26,6 +29,7 @@ from novita_async import (
     AuthenticationError,
     MalformedResponseError,
     NotFoundError,
+    NovitaError,
     PollPolicy,
     RateLimitError,
     ServerError,
@@ -50,14 +54,17 @@ class FakeTask:
 
 
 class FakeServer:
-    """A task table on anyio's clock; ``fetch`` answers like ``GET task-result``."""
+    """A task table on anyio's clock; ``fetch`` answers like ``GET task-result``.
+
+    ``errors[task_id]`` lists what its next polls raise, in order (``None``: answer).
+    """
 
     def __init__(self, *, eta: bool = True, latency: float = 0.0) -> None:
         self.eta = eta
         self.latency = latency
         self.tasks: dict[str, FakeTask] = {}
         self.calls: list[tuple[float, str]] = []
-        self.errors: dict[str, list[Exception]] = {}
+        self.errors: dict[str, list[Exception | None]] = {}
         self.in_flight: Counter[str] = Counter()
         self.max_in_flight = 0
         self.max_in_flight_per_task = 0
@@ -92,7 +99,9 @@ class FakeServer:
             self.in_flight[task_id] -= 1
         queued = self.errors.get(task_id)
         if queued:
-            raise queued.pop(0)
+            error = queued.pop(0)
+            if error is not None:
+                raise error
         return self.answer(task_id)
 
     def answer(self, task_id: str) -> TaskResult:
@@ -128,6 +137,25 @@ def scheduler(server: FakeServer, *, limit: int = 16, **policy: Any) -> PollSche
     return PollScheduler(server.fetch, max_concurrent_polls=limit, policy=PollPolicy(**policy))
 
 
+@asynccontextmanager
+async def running(sched: PollScheduler) -> AsyncIterator[PollScheduler]:
+    """Run ``sched``'s loop task for the block (as the client's task group does)."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(sched.run)
+        assert sched.running
+        try:
+            yield sched
+        finally:
+            tg.cancel_scope.cancel()
+    assert not sched.running
+
+
+async def joined(sched: PollScheduler, tracked: int = 1) -> None:
+    """Let the waiters started so far register (trio shuffles who runs first)."""
+    while sched.tracked < tracked:
+        await anyio.lowlevel.checkpoint()
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[int(0.95 * (len(ordered) - 1))]
@@ -154,7 +182,7 @@ class TestVirtualTime:
             await anyio.sleep(delay)
             results.append(await sched.wait("t"))
 
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             tg.start_soon(waiter, 0.0)
             tg.start_soon(waiter, 0.0)
             tg.start_soon(waiter, 0.5)  # joins the running sequence
@@ -163,6 +191,7 @@ class TestVirtualTime:
         assert server.times("t") == pytest.approx([0.0, 1.25])
         assert sched.stats.polls_total == 2
         assert sched.stats.poll_histogram == {2: 1}
+        assert sched.stats.waits == 3
         assert sched.tracked == 0
         assert sched.stats.polls_by_task == {}
 
@@ -171,7 +200,7 @@ class TestVirtualTime:
         server = FakeServer(latency=0.3)
         sched = scheduler(server, min_interval=0.0)
         server.add("t", 2.0)
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             for _ in range(20):
                 tg.start_soon(sched.wait, "t")
         assert server.max_in_flight_per_task == 1
@@ -184,17 +213,19 @@ class TestVirtualTime:
         server = FakeServer()
         sched = scheduler(server, eta_margin=0.05)
         server.add("t", 3.0)
-        result = await sched.wait("t")
+        async with running(sched):
+            result = await sched.wait("t")
+            assert anyio.current_time() == pytest.approx(3.05)
         assert result.status is TaskStatus.SUCCEED
         assert server.times("t") == pytest.approx([0.0, 3.05])
-        assert anyio.current_time() == pytest.approx(3.05)
 
     @pytest.mark.anyio
     async def test_eta_is_clamped_to_max_interval(self) -> None:
         server = FakeServer()
         sched = scheduler(server, max_interval=5.0, eta_margin=0.0)
         server.add("t", 12.0)
-        await sched.wait("t")
+        async with running(sched):
+            await sched.wait("t")
         assert server.times("t") == pytest.approx([0.0, 5.0, 10.0, 12.0])
 
     @pytest.mark.anyio
@@ -202,7 +233,8 @@ class TestVirtualTime:
         server = FakeServer(eta=False)
         sched = scheduler(server, backoff_initial=0.5, backoff_factor=2.0, max_interval=2.0)
         server.add("t", 4.0)
-        await sched.wait("t")
+        async with running(sched):
+            await sched.wait("t")
         # 0.5, 1, 2, then capped at 2
         assert server.times("t") == pytest.approx([0.0, 0.5, 1.5, 3.5, 5.5])
 
@@ -211,7 +243,8 @@ class TestVirtualTime:
         server = FakeServer()
         sched = scheduler(server, backoff_initial=0.5)
         server.add("t", 0.0, script=[TaskStatus.UNKNOWN, TaskStatus.UNKNOWN])
-        result = await sched.wait("t")
+        async with running(sched):
+            result = await sched.wait("t")
         assert result.status is TaskStatus.SUCCEED
         assert server.times("t") == pytest.approx([0.0, 0.5, 1.25])
 
@@ -220,9 +253,10 @@ class TestVirtualTime:
         server = FakeServer()
         sched = scheduler(server)
         server.add("done", 0.0)
-        await anyio.sleep(60)  # finished long ago
-        start = anyio.current_time()
-        await sched.wait("done")
+        async with running(sched):
+            await anyio.sleep(60)  # finished long ago
+            start = anyio.current_time()
+            await sched.wait("done")
         assert server.times("done") == [start]
 
     # ----------------------------------------------------------------- learning
@@ -256,18 +290,19 @@ class TestVirtualTime:
                 out.append((f"{prefix}{i}", 0.05 * cost * rng.uniform(0.97, 1.03), cost))
             return out
 
-        await self._submit_wave(server, sched, jobs("warm", 40))
-        stats = sched.stats
-        assert stats.probes == 20  # cold start: the first tasks were probed for their eta
-        assert stats.seconds_per_cost_p50 == pytest.approx(0.05, rel=0.03)
-        short, long = sched.predict_first_poll(cost=20.0), sched.predict_first_poll(cost=60.0)
-        assert short is not None
-        assert long is not None
-        assert long / short == pytest.approx(3.0, rel=0.01)  # the cost model was chosen
-        assert 1.0 <= short <= 1.1
+        async with running(sched):
+            await self._submit_wave(server, sched, jobs("warm", 40))
+            stats = sched.stats
+            assert stats.probes == 20  # cold start: the first tasks were probed for their eta
+            assert stats.seconds_per_cost_p50 == pytest.approx(0.05, rel=0.03)
+            short, long = sched.predict_first_poll(cost=20.0), sched.predict_first_poll(cost=60.0)
+            assert short is not None
+            assert long is not None
+            assert long / short == pytest.approx(3.0, rel=0.01)  # the cost model was chosen
+            assert 1.0 <= short <= 1.1
 
-        wave = jobs("t", 200)
-        delivered = await self._submit_wave(server, sched, wave)
+            wave = jobs("t", 200)
+            delivered = await self._submit_wave(server, sched, wave)
         polls = [server.polls(task_id) for task_id, _, _ in wave]
         assert sum(polls) / len(polls) <= 1.3
         lags = [delivered[t] - server.completed_at(t) for t, _, _ in wave]
@@ -289,9 +324,10 @@ class TestVirtualTime:
                 out.append((f"{prefix}{i}", 0.05 * cost * rng.uniform(0.95, 1.05), cost))
             return out
 
-        await self._submit_wave(server, sched, jobs("warm", 60))
-        wave = jobs("t", 200)
-        delivered = await self._submit_wave(server, sched, wave)
+        async with running(sched):
+            await self._submit_wave(server, sched, jobs("warm", 60))
+            wave = jobs("t", 200)
+            delivered = await self._submit_wave(server, sched, wave)
         polls = [server.polls(task_id) for task_id, _, _ in wave]
         assert sum(polls) / len(polls) <= 1.3
         lags = [delivered[t] - server.completed_at(t) for t, _, _ in wave]
@@ -306,13 +342,14 @@ class TestVirtualTime:
         def jobs(prefix: str, n: int) -> list[tuple[str, float, float]]:
             return [(f"{prefix}{i}", rng.uniform(1.0, 3.0), rng.uniform(20, 60)) for i in range(n)]
 
-        await self._submit_wave(server, sched, jobs("warm", 60))
-        first = sched.predict_first_poll(cost=40.0)
-        assert first is not None
-        assert first == sched.predict_first_poll()  # cost is ignored: it predicts nothing
-        assert 1.0 <= first <= 1.5  # 5 % quantile (~1.1 s) + latency budget (0.4 s)
-        wave = jobs("t", 200)
-        delivered = await self._submit_wave(server, sched, wave)
+        async with running(sched):
+            await self._submit_wave(server, sched, jobs("warm", 60))
+            first = sched.predict_first_poll(cost=40.0)
+            assert first is not None
+            assert first == sched.predict_first_poll()  # cost is ignored: it predicts nothing
+            assert 1.0 <= first <= 1.5  # 5 % quantile (~1.1 s) + latency budget (0.4 s)
+            wave = jobs("t", 200)
+            delivered = await self._submit_wave(server, sched, wave)
         lags = [delivered[t] - server.completed_at(t) for t, _, _ in wave]
         assert p95(lags) <= 0.5
 
@@ -322,7 +359,8 @@ class TestVirtualTime:
         sched = scheduler(server, latency_budget=None, first_poll_quantile=0.8)
         rng = random.Random(3)
         jobs = [(f"t{i}", rng.uniform(1.0, 3.0), 1.0) for i in range(150)]
-        await self._submit_wave(server, sched, jobs)
+        async with running(sched):
+            await self._submit_wave(server, sched, jobs)
         first = sched.predict_first_poll()
         assert first is not None
         assert 2.4 <= first <= 3.0
@@ -332,7 +370,8 @@ class TestVirtualTime:
         server = FakeServer()
         sched = scheduler(server, warmup_samples=3, probe_delay=0.25, first_poll_delay=1.0)
         jobs = [(f"t{i}", 2.0, 1.0) for i in range(10)]
-        await self._submit_wave(server, sched, jobs)
+        async with running(sched):
+            await self._submit_wave(server, sched, jobs)
         probes = [t for t, _, _ in jobs if server.times(t)[0] == pytest.approx(0.25)]
         assert len(probes) == 3
         assert sched.stats.probes == 3
@@ -347,7 +386,8 @@ class TestVirtualTime:
         server = FakeServer(eta=False)
         sched = scheduler(server, warmup_samples=3, first_poll_delay=1.0)
         jobs = [(f"t{i}", 2.0, 1.0) for i in range(10)]
-        await self._submit_wave(server, sched, jobs)
+        async with running(sched):
+            await self._submit_wave(server, sched, jobs)
         assert sched.stats.probes <= 3  # probing stopped at the first eta-less answer
         assert sched.stats.duration_samples == 10  # learned from the timestamps instead
 
@@ -359,7 +399,7 @@ class TestVirtualTime:
         sched = scheduler(server, limit=4)
         for i in range(50):
             server.add(f"t{i}", 1.0)
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             for i in range(50):
                 tg.start_soon(sched.wait, f"t{i}")
         assert server.max_in_flight == 4
@@ -382,18 +422,54 @@ class TestVirtualTime:
                 hint = None
             results.append(await sched.wait(task_id, hint=hint))
 
-        async with anyio.create_task_group() as tg:
-            for i in range(1000):
-                tg.start_soon(one, i)
+        async with running(sched):
+            async with anyio.create_task_group() as tg:
+                for i in range(1000):
+                    tg.start_soon(one, i)
+            assert sched.tracked == 0
+            assert sched.stats.polls_by_task == {}
+            assert sched.stats.in_flight == 0
         assert len(results) == 1000
         assert all(r.status is TaskStatus.SUCCEED for r in results)
         assert server.max_in_flight <= 16
         assert sched.stats.tasks_succeeded == 800
         assert sum(sched.stats.poll_histogram.values()) == 800
         assert sched.stats.polls_total == len(server.calls)
-        assert sched.tracked == 0
-        assert sched.stats.polls_by_task == {}
-        assert sched.stats.in_flight == 0
+        assert sched.stats.waits == 1000
+
+    @pytest.mark.anyio
+    async def test_scheduler_work_per_task_does_not_grow_with_tracked_tasks(self) -> None:
+        # n tasks tracked at once: each wait() and each poll costs the scheduler a
+        # bounded number of heap operations, however many other tasks are tracked.
+        async def work(n: int) -> tuple[int, int, int]:
+            server = FakeServer(latency=0.01)
+            sched = scheduler(server, limit=16)
+            rng = random.Random(6)
+
+            async def one(i: int) -> None:
+                submitted = server.add(f"t{i}", rng.uniform(1.0, 3.0))
+                await sched.wait(f"t{i}", hint=PollHint(submitted_at=submitted, cost=1.0))
+
+            async with running(sched):
+                async with anyio.create_task_group() as tg:
+                    for i in range(n):
+                        tg.start_soon(one, i)
+                assert sched.tracked == 0
+            stats = sched.stats
+            assert stats.tasks_succeeded == n
+            assert stats.polls_total == len(server.calls)
+            return stats.waits, stats.heap_pushes, stats.polls_total
+
+        small, large = await work(100), await work(1000)
+        for n, (waits, pushes, polls) in ((100, small), (1000, large)):
+            assert waits == n
+            # at most: one push to track a task, one re-plan of its cold first poll
+            # when the learner warms up, and one reschedule per poll answered
+            assert pushes <= 2 * n + polls
+            assert pushes / polls <= 2.0
+        # per poll, ten times the tasks tracked cost the scheduler about the same
+        small_ratio, large_ratio = small[1] / small[2], large[1] / large[2]
+        assert large_ratio == pytest.approx(small_ratio, rel=0.2)
 
     # ----------------------------------------------------------------- deadlines
 
@@ -402,18 +478,19 @@ class TestVirtualTime:
         server = FakeServer()
         sched = scheduler(server, max_interval=1.0)
         server.add("t", 100.0)
-        with pytest.raises(TaskTimeoutError) as info:
-            await sched.wait("t", timeout=2.5)
-        assert anyio.current_time() == pytest.approx(2.5)
+        async with running(sched):
+            with pytest.raises(TaskTimeoutError) as info:
+                await sched.wait("t", timeout=2.5)
+            assert anyio.current_time() == pytest.approx(2.5)
+            polls = server.polls("t")
+            await anyio.sleep(30)
+            assert server.polls("t") == polls  # nothing after the deadline
+            assert sched.tracked == 0
         err = info.value
         assert err.task_id == "t"
         assert err.timeout == 2.5
         assert err.last_result is not None
         assert err.last_result.status is TaskStatus.PROCESSING
-        polls = server.polls("t")
-        await anyio.sleep(30)
-        assert server.polls("t") == polls  # nothing after the deadline
-        assert sched.tracked == 0
         assert sched.stats.timeouts == 1
         assert sched.stats.tasks_abandoned == 1
 
@@ -422,12 +499,16 @@ class TestVirtualTime:
         server = FakeServer(latency=5.0)
         sched = scheduler(server)
         server.add("t", 1.0)
-        with pytest.raises(TaskTimeoutError) as info:
-            await sched.wait("t", timeout=0.5)
-        assert anyio.current_time() == pytest.approx(0.5)
+        async with running(sched):
+            with pytest.raises(TaskTimeoutError) as info:
+                await sched.wait("t", timeout=0.5)
+            assert anyio.current_time() == pytest.approx(0.5)
+            await trio.testing.wait_all_tasks_blocked()  # the worker sees its cancellation
+            assert anyio.current_time() == pytest.approx(0.5)
+            assert server.cancelled == 1
+            assert sched.stats.in_flight == 0
         assert info.value.last_result is None
-        assert server.cancelled == 1
-        assert sched.stats.in_flight == 0
+        assert sched.stats.polls_cancelled == 1
 
     @pytest.mark.anyio
     async def test_the_longer_deadline_keeps_the_task_alive(self) -> None:
@@ -442,7 +523,7 @@ class TestVirtualTime:
             except TaskTimeoutError as exc:
                 outcomes[name] = exc
 
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             tg.start_soon(waiter, "short", 1.0)
             tg.start_soon(waiter, "long", None)
         assert isinstance(outcomes["short"], TaskTimeoutError)
@@ -450,9 +531,9 @@ class TestVirtualTime:
         assert server.times("t") == pytest.approx([0.0, 3.05])  # one shared sequence
 
     @pytest.mark.anyio
-    async def test_the_longest_lived_waiter_drives(self) -> None:
-        # A driver whose deadline falls mid-poll would waste that poll: the
-        # waiter with the later deadline takes over before the next poll.
+    async def test_a_waiter_deadline_mid_poll_keeps_the_shared_poll(self) -> None:
+        # One waiter's deadline falls while the shared poll is in flight: the
+        # poll goes on for the other waiter, nothing is cancelled or repeated.
         server = FakeServer(latency=0.5)
         sched = scheduler(server)
         server.add("t", 3.0)
@@ -465,12 +546,13 @@ class TestVirtualTime:
             except TaskTimeoutError as exc:
                 outcomes.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter, 0.0, 3.2)  # first, so it starts as the driver
+        async with running(sched), anyio.create_task_group() as tg:
+            tg.start_soon(waiter, 0.0, 3.2)  # leaves while the poll sent at 3.05 is in flight
             tg.start_soon(waiter, 0.1, None)
         assert isinstance(outcomes[0], TaskTimeoutError)
         assert outcomes[1].status is TaskStatus.SUCCEED
         assert server.cancelled == 0
+        assert sched.stats.polls_cancelled == 0
         assert server.times("t") == pytest.approx([0.0, 3.05])
 
     @pytest.mark.anyio
@@ -478,25 +560,29 @@ class TestVirtualTime:
         server = FakeServer()
         sched = scheduler(server)
         server.add("t", 1.0)
-        with pytest.raises(TaskTimeoutError):
-            await sched.wait("t", timeout=0)
-        assert sched.tracked == 0
+        async with running(sched):
+            with pytest.raises(TaskTimeoutError):
+                await sched.wait("t", timeout=0)
+            assert sched.tracked == 0
 
     @pytest.mark.anyio
     async def test_invalid_timeout(self) -> None:
         sched = scheduler(FakeServer())
-        with pytest.raises(InvalidRequestError):
-            await sched.wait("t", timeout=-1)
-        with pytest.raises(InvalidRequestError):
-            await sched.wait("t", timeout=float("nan"))
+        async with running(sched):
+            with pytest.raises(InvalidRequestError):
+                await sched.wait("t", timeout=-1)
+            with pytest.raises(InvalidRequestError):
+                await sched.wait("t", timeout=float("nan"))
+            assert sched.tracked == 0
 
     @pytest.mark.anyio
     async def test_outer_cancellation_is_not_turned_into_a_timeout(self) -> None:
         server = FakeServer()
         sched = scheduler(server)
         server.add("t", 100.0)
-        with anyio.move_on_after(1.0) as scope:
-            await sched.wait("t", timeout=1.0)  # same instant as the outer cancel
+        async with running(sched):
+            with anyio.move_on_after(1.0) as scope:
+                await sched.wait("t", timeout=1.0)  # same instant as the outer cancel
         assert scope.cancelled_caught
         assert sched.stats.timeouts == 0
 
@@ -513,7 +599,7 @@ class TestVirtualTime:
         async def keep_waiting() -> None:
             shared_result.append(await sched.wait("shared"))
 
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             tg.start_soon(keep_waiting)
             async with anyio.create_task_group() as doomed:
                 doomed.start_soon(sched.wait, "alone")
@@ -528,25 +614,24 @@ class TestVirtualTime:
         assert server.times("shared")[-1] >= 10.0
 
     @pytest.mark.anyio
-    async def test_driver_cancelled_mid_poll_hands_over(self) -> None:
+    async def test_a_waiter_cancelled_mid_poll_keeps_the_shared_poll(self) -> None:
         server = FakeServer(latency=0.4)
         sched = scheduler(server)
         server.add("t", 2.0)
         got: list[TaskResult] = []
 
         async def other() -> None:
-            await anyio.sleep(0.1)  # the first waiter is the driver
+            await anyio.sleep(0.1)
             got.append(await sched.wait("t"))
 
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             tg.start_soon(other)
-            with anyio.move_on_after(0.2):  # cancels the driver during its first poll
+            with anyio.move_on_after(0.2):  # cancelled during the first poll (0 to 0.4)
                 await sched.wait("t")
-        assert server.cancelled == 1
+        assert server.cancelled == 0
         assert got[0].status is TaskStatus.SUCCEED
-        # the heir repeated the interrupted poll at once, then followed the eta
-        times = server.times("t")
-        assert times[:2] == pytest.approx([0.0, 0.2])
+        # the first answer (at 0.4, eta 1.6) served the remaining waiter
+        assert server.times("t") == pytest.approx([0.0, 2.05])
         assert server.max_in_flight_per_task == 1
 
     @pytest.mark.anyio
@@ -560,7 +645,7 @@ class TestVirtualTime:
             await sched.wait(task_id, hint=PollHint(submitted_at=submitted))
             returned[task_id] = anyio.current_time()
 
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             for i, duration in enumerate([0.3, 5.0, 1.0, 2.0]):
                 tg.start_soon(one, f"t{i}", duration)
         assert sorted(returned, key=returned.__getitem__) == ["t0", "t2", "t3", "t1"]
@@ -581,7 +666,7 @@ class TestVirtualTime:
                 await sched.wait("t")
             errors.append(info.value)
 
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             tg.start_soon(waiter)
             tg.start_soon(waiter)
         assert len(errors) == 2
@@ -599,8 +684,9 @@ class TestVirtualTime:
         sched = scheduler(server)
         server.add("t", 1.0)
         server.errors["t"] = [ServerError("task failed", status_code=500, reason="TASK_FAILED")]
-        with pytest.raises(TaskFailedError) as info:
-            await sched.wait("t")
+        async with running(sched):
+            with pytest.raises(TaskFailedError) as info:
+                await sched.wait("t")
         assert info.value.result.status is TaskStatus.FAILED
         assert server.polls("t") == 1
 
@@ -609,7 +695,8 @@ class TestVirtualTime:
         server = FakeServer()
         sched = scheduler(server, not_found_grace=10.0)
         submitted = server.add("t", 3.0, visible_at=2.0)
-        result = await sched.wait("t", hint=PollHint(submitted_at=submitted))
+        async with running(sched):
+            result = await sched.wait("t", hint=PollHint(submitted_at=submitted))
         assert result.status is TaskStatus.SUCCEED
         assert sched.stats.not_found_retries >= 1
 
@@ -625,12 +712,13 @@ class TestVirtualTime:
             except NotFoundError as exc:
                 errors.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter)
-            tg.start_soon(waiter)
+        async with running(sched):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                tg.start_soon(waiter)
+            assert 3.0 <= anyio.current_time() <= 4.0
+            assert sched.tracked == 0
         assert len(errors) == 2
-        assert 3.0 <= anyio.current_time() <= 4.0
-        assert sched.tracked == 0
         assert sched.stats.tasks_errored == 1
 
     @pytest.mark.anyio
@@ -645,11 +733,53 @@ class TestVirtualTime:
             RateLimitError("slow down", status_code=429),
         ]
         with caplog.at_level(logging.WARNING, logger="novita_async"):
-            result = await sched.wait("t")
+            async with running(sched):
+                result = await sched.wait("t")
         assert result.status is TaskStatus.SUCCEED
         assert server.polls("t") == 5
         assert sched.stats.transient_errors == 4
         assert sum("polling task t failed" in r.getMessage() for r in caplog.records) == 4
+
+    @pytest.mark.anyio
+    async def test_identical_malformed_answers_end_the_task(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server)  # max_malformed=5
+        server.add("t", 0.0)  # a good answer would say SUCCEED
+        bad = MalformedResponseError("not JSON", body="<html>502</html>")
+        server.errors["t"] = [bad] * 10
+        async with running(sched):
+            with pytest.raises(MalformedResponseError) as info:
+                await sched.wait("t", timeout=None)
+            assert sched.tracked == 0
+            polls = server.polls("t")
+            await anyio.sleep(60)
+            assert server.polls("t") == polls  # polling stopped
+        assert info.value.body == "<html>502</html>"
+        assert polls == 5
+        assert sched.stats.tasks_errored == 1
+
+    @pytest.mark.anyio
+    async def test_differing_malformed_answers_keep_polling(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, max_malformed=3)
+        server.add("t", 0.0)
+        server.errors["t"] = [MalformedResponseError("not JSON", body=body) for body in "aabbaabb"]
+        async with running(sched):
+            result = await sched.wait("t", timeout=None)
+        assert result.status is TaskStatus.SUCCEED
+        assert server.polls("t") == 9
+
+    @pytest.mark.anyio
+    async def test_a_good_answer_resets_the_malformed_count(self) -> None:
+        server = FakeServer(eta=False)
+        sched = scheduler(server, max_malformed=3)
+        server.add("t", 0.0, script=[TaskStatus.PROCESSING, TaskStatus.PROCESSING])
+        bad = MalformedResponseError("not JSON", body="same")
+        server.errors["t"] = [bad, bad, None, bad, bad, None, bad, bad]
+        async with running(sched):
+            result = await sched.wait("t", timeout=None)
+        assert result.status is TaskStatus.SUCCEED
+        assert server.polls("t") == 9
 
     @pytest.mark.anyio
     async def test_rate_limit_retry_after_pauses_every_poll(self) -> None:
@@ -658,7 +788,7 @@ class TestVirtualTime:
         server.add("a", 0.5)
         server.add("b", 0.5)
         server.errors["a"] = [RateLimitError("slow down", retry_after=3.0, status_code=429)]
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             tg.start_soon(sched.wait, "a")
             await anyio.sleep(0.1)
             tg.start_soon(sched.wait, "b")  # due at once, but the pause holds it
@@ -680,59 +810,17 @@ class TestVirtualTime:
             except AuthenticationError as exc:
                 errors.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter)
-            tg.start_soon(waiter)
+        async with running(sched):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                tg.start_soon(waiter)
+            assert sched.tracked == 0
         assert len(errors) == 2
         assert server.polls("t") == 1
-        assert sched.tracked == 0
         assert sched.stats.tasks_errored == 1
 
 
 # --------------------------------------------------------------------------- tick model
-
-
-class DriverProbe:
-    """Counts concurrent tick loops and checks 'waiters exist => a driver exists'."""
-
-    def __init__(self, sched: PollScheduler, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.sched = sched
-        self.active = 0
-        self.peak = 0
-        self.loops = 0
-        self.violations: list[float] = []
-        original = sched._tick_loop
-
-        async def tick_loop(*args: Any) -> None:
-            self.active += 1
-            self.loops += 1
-            self.peak = max(self.peak, self.active)
-            assert sched._driver is args[1]  # only the elected driver ticks
-            try:
-                await original(*args)
-            finally:
-                self.active -= 1
-
-        monkeypatch.setattr(sched, "_tick_loop", tick_loop)
-
-    def check(self) -> None:
-        sched = self.sched
-        driver = sched._driver
-        if sched.tracked and (driver is None or not driver.active):
-            self.violations.append(anyio.current_time())
-        if driver is not None and driver not in driver.entry.waiters:
-            self.violations.append(anyio.current_time())
-
-    async def watch(self, period: float = 0.005) -> None:
-        while True:
-            self.check()
-            await anyio.sleep(period)
-
-
-async def joined(sched: PollScheduler, tracked: int = 1) -> None:
-    """Let the waiters started so far register (trio shuffles who runs first)."""
-    while sched.tracked < tracked:
-        await anyio.lowlevel.checkpoint()
 
 
 class TestTickModel:
@@ -744,28 +832,23 @@ class TestTickModel:
     async def test_every_due_task_is_polled_in_one_tick(self) -> None:
         server = FakeServer(latency=0.01)
         sched = scheduler(server, limit=8)
-        server.add("driver", 100.0)
         for i in range(200):
             server.add(f"t{i}", 1.0)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sched.wait, "driver")  # outlives the others: no hand-off
-            await joined(sched)
+        async with running(sched):
             async with anyio.create_task_group() as waiters:
                 for i in range(200):
                     waiters.start_soon(sched.wait, f"t{i}")
                 await anyio.sleep(0.5)
-                assert sched.stats.polls_total == 201  # every task polled once
+                assert sched.stats.polls_total == 200  # every task polled once
                 ticks = sched.stats.ticks
             # all due again at eta + margin = 1.05: ONE tick starts their 200 polls
             assert sched.stats.ticks == ticks + 1
-            tg.cancel_scope.cancel()
         stats = sched.stats
         assert stats.max_polls_per_tick == 200
-        assert stats.polls_total == 401
-        assert server.max_in_flight == 8  # concurrent, capped by the limiter
+        assert stats.polls_total == 400
+        assert server.max_in_flight == 8  # concurrent, capped by the workers
         assert stats.max_in_flight == 8
         assert stats.tasks_succeeded == 200
-        assert stats.handoffs == 0
         assert server.cancelled == 0
         assert {server.polls(f"t{i}") for i in range(200)} == {2}
 
@@ -774,220 +857,47 @@ class TestTickModel:
         async def run(coalesce: float) -> int:
             server = FakeServer()
             sched = scheduler(server, tick_coalesce=coalesce, eta_margin=0.05)
-            server.add("driver", 100.0)
             for i in range(10):
                 server.add(f"t{i}", 1.0 + 0.001 * i)  # due 1 ms apart
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(sched.wait, "driver")
-                await joined(sched)
+            async with running(sched):
                 async with anyio.create_task_group() as waiters:
                     for i in range(10):
                         waiters.start_soon(sched.wait, f"t{i}")
                     await anyio.sleep(0.5)
                     ticks = sched.stats.ticks
-                assert sched.stats.polls_total == 21
-                tg.cancel_scope.cancel()
+                assert sched.stats.polls_total == 20
             return sched.stats.ticks - ticks
 
         assert await run(0.02) == 1
         assert await run(0.0) == 10
 
     @pytest.mark.anyio
-    async def test_one_driver_for_all_tasks(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        server = FakeServer(latency=0.01)
-        sched = scheduler(server)
-        probe = DriverProbe(sched, monkeypatch)
-        durations = [3.0, 1.0, 2.0, 0.5, 2.5]
-        for i, duration in enumerate(durations):
-            server.add(f"t{i}", duration)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(probe.watch)
-            async with anyio.create_task_group() as waiters:
-                waiters.start_soon(sched.wait, "t0")
-                await joined(sched)
-                for i in range(1, len(durations)):
-                    waiters.start_soon(sched.wait, f"t{i}")
-            tg.cancel_scope.cancel()
-        assert probe.peak == 1
-        assert probe.violations == []
-        # the first waiter (t0, the slowest) drove every task: no hand-off needed
-        assert probe.loops == 1
-        assert sched.stats.handoffs == 0
-        assert sched._driver is None
-
-    @pytest.mark.anyio
-    async def test_driver_cancelled_mid_tick_hands_over_its_polls(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        server = FakeServer(latency=0.5)
-        sched = scheduler(server, limit=100)
-        probe = DriverProbe(sched, monkeypatch)
-        for i in range(50):
-            server.add(f"t{i}", 2.0)
-        server.add("driver", 10.0)
-        delivered: dict[str, float] = {}
-
-        async def one(task_id: str) -> None:
-            await sched.wait(task_id)
-            delivered[task_id] = anyio.current_time()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(probe.watch)
-            async with anyio.create_task_group() as waiters:
-                with anyio.move_on_after(0.2):  # 51 polls in flight at that moment
-                    async with anyio.create_task_group() as driver_scope:
-                        driver_scope.start_soon(sched.wait, "driver")
-                        await anyio.sleep(0.1)
-                        for i in range(50):
-                            waiters.start_soon(one, f"t{i}")
-            tg.cancel_scope.cancel()
-        assert server.cancelled == 51  # the driver's group was cancelled ...
-        assert sched.stats.polls_cancelled == 51
-        assert sched.stats.handoffs == 1
-        for i in range(50):  # ... and the heir re-polled them at once
-            times = server.times(f"t{i}")
-            assert times[:2] == pytest.approx([0.1, 0.2])
-            assert delivered[f"t{i}"] <= 2.6
-        assert server.polls("driver") == 1  # dropped with its only waiter
-        assert probe.peak == 1
-        assert probe.violations == []
-        assert sched.tracked == 0
-        assert sched.stats.in_flight == 0
-
-    @pytest.mark.anyio
-    async def test_driver_deadline_mid_poll_hands_over(self) -> None:
-        server = FakeServer(latency=0.5)
-        sched = scheduler(server, eta_margin=0.0)
-        server.add("t", 3.0)
-        outcomes: dict[str, Any] = {}
-
-        async def waiter(name: str, delay: float, timeout: float | None) -> None:
-            await anyio.sleep(delay)
-            try:
-                outcomes[name] = await sched.wait("t", timeout=timeout)
-            except TaskTimeoutError as exc:
-                outcomes[name] = exc
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter, "driver", 0.0, 0.3)
-            tg.start_soon(waiter, "late", 0.1, None)  # joins after the soft deadline
-        assert isinstance(outcomes["driver"], TaskTimeoutError)
-        assert outcomes["driver"].last_result is None
-        assert outcomes["late"].status is TaskStatus.SUCCEED
-        # the poll sent at 0 (in flight until 0.5) is cancelled by the driver's
-        # deadline at 0.3; the heir repeats it at once, then follows the eta
-        assert server.times("t") == pytest.approx([0.0, 0.3, 3.0])
-        assert server.cancelled == 1
-        assert sched.stats.polls_cancelled == 1
-        assert sched.stats.handoffs == 1
-
-    @pytest.mark.anyio
-    async def test_near_deadline_driver_hands_over_gracefully(self) -> None:
-        server = FakeServer(latency=0.1)
-        sched = scheduler(server, handoff_grace=0.25)
-        for i in range(20):
-            server.add(f"t{i}", 2.0)
-        server.add("short", 100.0)
-        got: list[Any] = []
-
-        async def one(task_id: str, timeout: float | None) -> None:
-            try:
-                got.append(await sched.wait(task_id, timeout=timeout))
-            except TaskTimeoutError as exc:
-                got.append(exc)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(one, "short", 1.0)  # the first driver
-            await joined(sched)
-            for i in range(20):
-                tg.start_soon(one, f"t{i}", None)
-        assert sum(isinstance(g, TaskTimeoutError) for g in got) == 1
-        assert sum(isinstance(g, TaskResult) for g in got) == 20
-        assert server.cancelled == 0  # handed over at 0.75 s, nothing in flight lost
-        assert sched.stats.handoffs >= 1
-
-    @pytest.mark.anyio
-    async def test_driver_done_while_500_others_wait(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_first_waiter_done_while_500_others_wait(self) -> None:
         server = FakeServer(latency=0.02)
         sched = scheduler(server, limit=16)
-        probe = DriverProbe(sched, monkeypatch)
         rng = random.Random(7)
-        server.add("driver", 0.5)
+        server.add("first", 0.5)
         delivered: dict[str, float] = {}
 
         async def one(task_id: str) -> None:
             await sched.wait(task_id)
             delivered[task_id] = anyio.current_time()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(probe.watch)
+        async with running(sched):
             async with anyio.create_task_group() as waiters:
-                waiters.start_soon(one, "driver")
+                waiters.start_soon(one, "first")
                 await joined(sched)
                 for i in range(500):
                     server.add(f"t{i}", rng.uniform(1.0, 3.0))
                     waiters.start_soon(one, f"t{i}")
-            tg.cancel_scope.cancel()
+            assert sched.tracked == 0
+            assert sched.stats.in_flight == 0
         assert len(delivered) == 501
         assert sched.stats.tasks_succeeded == 501
-        assert sched.stats.handoffs >= 1
-        assert probe.peak == 1
-        assert probe.violations == []
         # nobody starved: every task delivered soon after it finished
         lags = [delivered[t] - server.completed_at(t) for t in delivered]
         assert min(lags) >= 0
         assert max(lags) <= 0.5
-        assert sched.tracked == 0
-        assert sched._driver is None
-        assert sched.stats.in_flight == 0
-
-    @pytest.mark.anyio
-    async def test_hand_off_grace_lets_fast_polls_finish(self) -> None:
-        server = FakeServer(latency=0.1)
-        sched = scheduler(server, handoff_grace=0.25, eta_margin=0.0, limit=50)
-        server.add("driver", 1.0)
-        for i in range(30):
-            server.add(f"t{i}", 1.0 + 0.1 * (i % 2))  # polls in flight when the driver finishes
-        returned: dict[str, float] = {}
-
-        async def one(task_id: str) -> None:
-            await sched.wait(task_id)
-            returned[task_id] = anyio.current_time()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(one, "driver")
-            await joined(sched)
-            for i in range(30):
-                tg.start_soon(one, f"t{i}")
-        assert server.cancelled == 0
-        assert sched.stats.polls_cancelled == 0
-        assert sched.stats.handoffs == 1
-        assert returned["driver"] <= 1.1 + 0.25
-
-    @pytest.mark.anyio
-    async def test_hand_off_grace_cancels_slow_polls(self) -> None:
-        server = FakeServer(latency=1.0)
-        sched = scheduler(server, handoff_grace=0.25, eta_margin=0.0, limit=50)
-        server.add("driver", 0.0)  # done at its first answer (t = 1.0)
-        for i in range(10):
-            server.add(f"t{i}", 0.0)
-        got: list[TaskResult] = []
-
-        async def one(task_id: str) -> None:
-            got.append(await sched.wait(task_id))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(one, "driver")
-            await anyio.sleep(0.5)  # the others' polls are in flight at 1.0 (until 1.5)
-            for i in range(10):
-                tg.start_soon(one, f"t{i}")
-        assert len(got) == 11
-        assert server.cancelled == 10  # cut after the grace: 1.25
-        assert sched.stats.polls_cancelled == 10
-        for i in range(10):  # the heir repeated them at once, no answer lost
-            assert server.times(f"t{i}") == pytest.approx([0.5, 1.25])
-        assert sched.stats.polls_total == 21
-        assert sched.stats.poll_histogram == {1: 11}  # cancelled polls are not answers
 
     @pytest.mark.anyio
     async def test_last_waiter_leaving_mid_poll_drops_the_entry(self) -> None:
@@ -995,15 +905,18 @@ class TestTickModel:
         sched = scheduler(server)
         server.add("keep", 5.0)
         server.add("drop", 0.0)  # its answer would say SUCCEED
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sched.wait, "keep")  # the driver
+        async with running(sched), anyio.create_task_group() as tg:
+            tg.start_soon(sched.wait, "keep")
             await anyio.sleep(0.1)
             with pytest.raises(TaskTimeoutError):
                 await sched.wait("drop", timeout=0.3)
             assert sched.tracked == 1
             assert "drop" not in sched.stats.polls_by_task
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.cancelled == 1  # its poll in flight was cancelled at once
+            assert anyio.current_time() == pytest.approx(0.4)
         assert server.polls("drop") == 1
-        assert server.cancelled == 1  # its poll in flight was cancelled at once
+        assert server.cancelled == 1
         assert sched.stats.tasks_abandoned == 1
         assert sched.stats.tasks_succeeded == 1
 
@@ -1013,12 +926,13 @@ class TestTickModel:
 
         async def stubborn(task_id: str) -> TaskResult:
             with anyio.CancelScope(shield=True):  # answers despite the cancellation
-                return await server.fetch(task_id)
+                result = await server.fetch(task_id)
+            return result
 
         sched = PollScheduler(stubborn, max_concurrent_polls=4, policy=PollPolicy())
         server.add("keep", 5.0)
         server.add("drop", 0.0)
-        async with anyio.create_task_group() as tg:
+        async with running(sched), anyio.create_task_group() as tg:
             tg.start_soon(sched.wait, "keep")
             await anyio.sleep(0.1)
             with pytest.raises(TaskTimeoutError):
@@ -1031,10 +945,9 @@ class TestTickModel:
         assert sched.stats.tasks_succeeded == 1  # "keep" only
 
     @pytest.mark.anyio
-    async def test_random_churn_keeps_one_driver(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_random_churn(self) -> None:
         server = FakeServer(latency=0.05)
         sched = scheduler(server, limit=8)
-        probe = DriverProbe(sched, monkeypatch)
         rng = random.Random(11)
         outcomes: Counter[str] = Counter()
 
@@ -1054,21 +967,24 @@ class TestTickModel:
                     return
             outcomes["cancelled"] += 1
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(probe.watch, 0.001)
+        async with running(sched):
             async with anyio.create_task_group() as waiters:
                 for i in range(300):
                     waiters.start_soon(one, i)
-            tg.cancel_scope.cancel()
+            # every waiter got its outcome, and nothing is left polling
+            assert sched.tracked == 0
+            assert sched.stats.polls_by_task == {}
+            await trio.testing.wait_all_tasks_blocked()  # cancelled polls unwind
+            assert sched.stats.in_flight == 0
+            assert sum(server.in_flight.values()) == 0
+            calls = len(server.calls)
+            await anyio.sleep(60)
+            assert len(server.calls) == calls  # no orphan polls
         assert sum(outcomes.values()) == 300
         assert min(outcomes["ok"], outcomes["timeout"], outcomes["cancelled"]) > 10
-        assert probe.peak == 1
-        assert probe.violations == []
-        assert sched.stats.handoffs >= 3
         assert server.max_in_flight_per_task == 1
-        assert sched.tracked == 0
-        assert sched._driver is None
-        assert sched.stats.in_flight == 0
+        assert server.max_in_flight <= 8
+        assert sched.stats.polls_total == len(server.calls)
 
 
 # --------------------------------------------------------------------------- both backends
@@ -1085,7 +1001,7 @@ async def test_real_time_on_both_backends() -> None:
     async def one(task_id: str) -> None:
         results.append(await sched.wait(task_id, timeout=10))
 
-    async with anyio.create_task_group() as tg:
+    async with running(sched), anyio.create_task_group() as tg:
         for i in range(20):
             tg.start_soon(one, f"t{i}")
             tg.start_soon(one, f"t{i}")  # two waiters each
@@ -1102,51 +1018,108 @@ async def test_timeout_and_cancellation_on_both_backends() -> None:
     server = FakeServer()
     sched = scheduler(server, max_interval=0.01, min_interval=0.0)
     server.add("slow", 60.0)
-    with pytest.raises(TaskTimeoutError):
-        await sched.wait("slow", timeout=0.05)
-    with anyio.move_on_after(0.05):
-        await sched.wait("slow")
-    polls = server.polls("slow")
-    await anyio.sleep(0.05)
-    assert server.polls("slow") == polls
-    assert sched.tracked == 0
-
-
-def _task_result_body(task_id: str, status: str, eta: float) -> dict[str, Any]:
-    return {
-        "task": {"task_id": task_id, "status": status, "eta": eta, "reason": ""},
-        "images": [],
-    }
+    async with running(sched):
+        with pytest.raises(TaskTimeoutError):
+            await sched.wait("slow", timeout=0.05)
+        with anyio.move_on_after(0.05):
+            await sched.wait("slow")
+        polls = server.polls("slow")
+        await anyio.sleep(0.05)
+        assert server.polls("slow") == polls
+        assert sched.tracked == 0
 
 
 @pytest.mark.anyio
-async def test_client_wait_without_async_with(anyio_backend: str) -> None:
-    from novita_async import AsyncNovita
+async def test_wait_needs_the_loop_running() -> None:
+    server = FakeServer()
+    sched = scheduler(server)
+    server.add("t", 0.0)
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="not running"):
+        await sched.wait("t")  # refused, not left hanging
+    assert sched.stats.waits == 0
+    async with running(sched):
+        assert (await sched.wait("t")).status is TaskStatus.SUCCEED
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="not running"):
+        await sched.wait("t")  # ended: refused again
+    assert server.polls("t") == 1
+    assert sched.tracked == 0
 
-    answers = iter(["TASK_STATUS_QUEUED", "TASK_STATUS_PROCESSING", "TASK_STATUS_SUCCEED"])
-    seen: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        task_id = request.url.params["task_id"]
-        seen.append(task_id)
-        return httpx.Response(200, json=_task_result_body(task_id, next(answers), 0.01))
+@pytest.mark.anyio
+async def test_one_loop_per_scheduler() -> None:
+    sched = scheduler(FakeServer())
+    async with running(sched):
+        with pytest.raises(RuntimeError, match="already running"):
+            await sched.run()
+        assert sched.running
+    async with running(sched):  # it may run again once stopped
+        assert sched.running
 
-    before = asyncio.all_tasks() if anyio_backend == "asyncio" else set()
-    client = AsyncNovita(
-        api_key="k",
-        transport=httpx.MockTransport(handler),
-        poll_policy=PollPolicy(min_interval=0.0, eta_margin=0.0),
-    )
-    result = await client.wait("abc", timeout=5)
-    assert result.status is TaskStatus.SUCCEED
-    assert seen == ["abc"] * 3
-    assert client.scheduler.stats.polls_total == 3
-    assert client.scheduler.tracked == 0
-    if anyio_backend == "asyncio":
-        assert asyncio.all_tasks() == before  # the scheduler started no task
-    else:
-        assert trio.lowlevel.current_task().child_nurseries == []
-    await client.aclose()
+
+@pytest.mark.anyio
+async def test_stopping_the_loop_ends_every_wait() -> None:
+    server = FakeServer(latency=1.0)
+    sched = scheduler(server, limit=2)
+    for i in range(4):
+        server.add(f"t{i}", 60.0)
+    errors: list[BaseException] = []
+
+    async def waiter(task_id: str, timeout: float | None) -> None:
+        try:
+            await sched.wait(task_id, timeout=timeout)
+        except Exception as exc:  # collected and checked below
+            errors.append(exc)
+
+    with anyio.fail_after(5):  # no waiter may hang
+        async with anyio.create_task_group() as waiters, anyio.create_task_group() as loop:
+            await loop.start(sched.run)
+            for i in range(4):
+                waiters.start_soon(waiter, f"t{i}", None)
+            waiters.start_soon(waiter, "t0", 30.0)  # a second waiter of t0
+            await joined(sched, 4)
+            await anyio.sleep(0.02)  # two polls in flight now (for a second)
+            assert sched.stats.in_flight == 2
+            loop.cancel_scope.cancel()
+    assert len(errors) == 5
+    for exc in errors:
+        assert type(exc) is NovitaError
+        assert "closed" in str(exc)
+    assert sorted(str(exc).rsplit(" ", 1)[-1] for exc in errors) == ["t0", "t0", "t1", "t2", "t3"]
+    assert not sched.running
+    assert sched.tracked == 0
+    assert sched.stats.in_flight == 0
+    assert sched.stats.polls_cancelled == 2
+    assert server.cancelled == 2
+    assert sched.stats.tasks_errored == 4
+
+
+@pytest.mark.anyio
+async def test_client_wait_without_async_with() -> None:
+    from novita_async.testing import NovitaEmulator
+
+    emu = NovitaEmulator(durations=(0.01, 0.02))
+    client = emu.client(poll_policy=PollPolicy(min_interval=0.0))
+    request = Txt2ImgRequest(model_name="m", prompt="a lighthouse")
+    with pytest.raises(RuntimeError, match="async with") as info:
+        await client.wait("abc", timeout=5)
+    assert "lifespan" in str(info.value)
+    with pytest.raises(RuntimeError, match="async with") as info:
+        await client.txt2img(request, timeout=5)
+    assert "lifespan" in str(info.value)
+    with pytest.raises(RuntimeError, match="async with") as info:
+        client.txt2img_many([request])
+    assert "lifespan" in str(info.value)
+    assert emu.tasks_created == 0
+    # the plain HTTP calls work on a client that was never entered
+    task_id = await client.submit_txt2img(request)
+    result = await client.get_task_result(task_id)
+    assert result.task.task_id == task_id
+    assert emu.tasks_created == 1
+    assert client.scheduler.stats.waits == 0
+    async with client:  # entered, it waits
+        done = await client.wait(task_id, timeout=10)
+    assert done.status is TaskStatus.SUCCEED
+    assert client.is_closed
 
 
 @pytest.mark.anyio
@@ -1157,17 +1130,17 @@ async def test_client_txt2img_on_the_emulator() -> None:
     client = emu.client(poll_policy=PollPolicy(min_interval=0.0, probe_delay=0.005))
     request = Txt2ImgRequest(model_name="m", prompt="a lighthouse")
     results = []
-    async with anyio.create_task_group() as tg:
 
-        async def one() -> None:
-            results.append(await client.txt2img(request, timeout=10))
+    async def one() -> None:
+        results.append(await client.txt2img(request, timeout=10))
 
+    async with client, anyio.create_task_group() as tg:
         for _ in range(5):
             tg.start_soon(one)
     assert [r.status for r in results] == [TaskStatus.SUCCEED] * 5
     assert emu.tasks_created == 5
     assert sum(emu.polls.values()) == client.scheduler.stats.polls_total
-    await client.aclose()
+    assert client.scheduler.stats.waits == 5
 
 
 def test_policy_validation() -> None:
@@ -1181,6 +1154,8 @@ def test_policy_validation() -> None:
         PollPolicy(warmup_samples=0)
     with pytest.raises(ValueError, match="warmup_samples"):
         PollPolicy(warmup_samples=30, learning_window=10)
+    with pytest.raises(ValueError):
+        PollPolicy(max_malformed=0)
     assert PollPolicy(latency_budget=None).latency_budget is None
     with pytest.raises(ValueError):
         PollScheduler(FakeServer().fetch, max_concurrent_polls=0, policy=PollPolicy())
@@ -1199,18 +1174,18 @@ async def test_a_thousand_waiters_leave_no_task_behind(anyio_backend: str) -> No
     async def one(task_id: str) -> None:
         results.append(await sched.wait(task_id, timeout=30))
 
-    async with anyio.create_task_group() as tg:
-        for i in range(1000):
-            tg.start_soon(one, f"t{i}")
+    async with running(sched):
+        async with anyio.create_task_group() as tg:
+            for i in range(1000):
+                tg.start_soon(one, f"t{i}")
+        assert sched.tracked == 0
     assert len(results) == 1000
     assert all(server.polls(f"t{i}") >= 1 for i in range(1000))
     assert sched.stats.tasks_succeeded == 1000
     assert sched.stats.max_polls_per_tick > 100  # the first tick served the whole wave
     assert sched.stats.ticks < sched.stats.polls_total
     assert server.max_in_flight <= 16
-    assert sched.tracked == 0
-    assert sched._driver is None
     if anyio_backend == "asyncio":
-        assert asyncio.all_tasks() == before  # no poll task outlived its driver
+        assert asyncio.all_tasks() == before  # the loop and its workers ended with run()
     else:
         assert trio.lowlevel.current_task().child_nurseries == []

@@ -425,8 +425,9 @@ async def test_user_http_client_keeps_its_timeout_unless_one_is_given() -> None:
 @pytest.mark.asyncio
 async def test_owned_client_is_closed() -> None:
     t = make_transport()
+    http = t.http
     await t.aclose()
-    assert t.http.is_closed
+    assert http.is_closed
 
 
 # --------------------------------------------------------------------------- the secret

@@ -1,0 +1,54 @@
+"""The default transport: httpx-aiohttp on asyncio, httpx's pool on trio, over real
+loopback sockets; and the money rule on it (a server that hangs up after reading a POST
+is an uncertain submission, never a retry, whatever httpx-aiohttp maps the error to)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from novita_async import RetryPolicy, SubmissionUncertainError, TaskStatus, Txt2ImgRequest
+from novita_async.testing import NovitaEmulator
+
+pytestmark = pytest.mark.anyio
+
+REQUEST = Txt2ImgRequest(model_name="emulated.safetensors", prompt="a loopback cat")
+
+
+async def test_default_transport_per_backend(anyio_backend: str) -> None:
+    emu = NovitaEmulator(durations=0.02)
+    async with emu.serve() as server:
+        async with emu.client(base_url=server.base_url, transport=None) as client:
+            result = await client.txt2img(REQUEST, timeout=10)
+            name = client._transport.transport_name
+    assert result.status is TaskStatus.SUCCEED
+    assert name == ("httpx-aiohttp" if anyio_backend == "asyncio" else "httpx")
+
+
+async def test_a_hang_up_after_the_post_is_uncertain_on_the_default_transport() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    emu.fail_next("txt2img", reset=True, after_create=True)  # created, then hung up
+    policy = RetryPolicy(max_retries=3, initial_backoff=0.0, max_backoff=0.0)
+    async with emu.serve() as server:
+        async with emu.client(
+            base_url=server.base_url, transport=None, retry_policy=policy
+        ) as client:
+            with pytest.raises(SubmissionUncertainError):
+                await client.submit_txt2img(REQUEST)
+            await anyio.sleep(0.05)
+    assert emu.submissions == 1  # sent once: no second paid task
+    assert emu.tasks_created == 1
+
+
+async def test_a_refused_connection_is_retried_on_the_default_transport() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    policy = RetryPolicy(max_retries=1, initial_backoff=0.0, max_backoff=0.0)
+    with anyio.fail_after(10):
+        async with emu.client(
+            base_url="http://127.0.0.1:9", transport=None, retry_policy=policy
+        ) as client:
+            from novita_async import APIConnectionError
+
+            with pytest.raises(APIConnectionError) as caught:
+                await client.submit_txt2img(REQUEST)
+    assert not isinstance(caught.value, SubmissionUncertainError)
