@@ -133,7 +133,7 @@ class RedisRateLimiter:
             raise ValueError("max_pause, margin and outage_timeout must be >= 0")
         self._redis = RedisConnection(url_or_client)
         self.key = key
-        self._keys = [f"{tagged(key)}:log", f"{tagged(key)}:state"]
+        self._keys = [f"{tagged(key)}:{part}" for part in ("log", "state", "pending")]
         self._script = self._redis.client.register_script(LIMITER_LUA)
         minimum = min(min_per_minute, images_per_minute or min_per_minute)
         self._config = [
@@ -145,6 +145,7 @@ class RedisRateLimiter:
             _num(margin),
             _num(max_pause),
             _num(DEFAULT_QUOTA),
+            _num(_DUE),
         ]
         self._max_pause = max_pause
         self._window = window

@@ -1,13 +1,15 @@
 """The Lua script behind :class:`~novita_async.redis.RedisRateLimiter` (one EVALSHA per call).
 
 KEYS: the admission log (a sorted set: member ``"<seq>:<weight>"``, score = the Redis
-time the admission is *reserved for*) and the state hash. Times are Redis ``TIME``
-(Unix seconds, float), so every process reads one clock.
+time the admission is *reserved for*), the state hash, and the pending reservations
+(members of the log whose owner has not been told "go" yet: a 429 moves only those).
+Times are Redis ``TIME`` (Unix seconds, float), so every process reads one clock.
 
 ARGV: ceiling ("" = none), burst ("" = none), min, recovery period, window, margin,
-max pause, default quota, the number of queued reports N, then N reports of 4 values
-(``"refund", member, "", ""`` or ``"429", age, retry_after | "", seq | ""``), then the
-operation: ``"reserve", weight`` | ``"check", member`` | ``"peek", ""``.
+max pause, default quota, due (a reservation this close is due now), the number of
+queued reports N, then N reports of 4 values (``"refund", member, "", ""`` or
+``"429", age, retry_after | "", seq | ""``), then the operation:
+``"reserve", weight`` | ``"check", member`` | ``"peek", ""``.
 
 Reply: ``{wait, member, weight, limit, paused, seq}`` (strings; ``wait`` is seconds from
 now until the reservation is due, ``"-1"`` if a checked member is gone; ``limit`` ""
@@ -19,7 +21,7 @@ from __future__ import annotations
 __all__ = ["LIMITER_LUA"]
 
 LIMITER_LUA = r"""
-local log, st = KEYS[1], KEYS[2]
+local log, st, pending = KEYS[1], KEYS[2], KEYS[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ceiling = tonumber(ARGV[1])
@@ -30,6 +32,7 @@ local span = tonumber(ARGV[5]) + tonumber(ARGV[6])  -- window + margin
 local max_pause = tonumber(ARGV[7])
 local default_quota = tonumber(ARGV[8])
 local window = tonumber(ARGV[5])
+local due = tonumber(ARGV[9])
 local eps = 1e-9
 
 local function fmt(x) return string.format('%.17g', x) end
@@ -126,27 +129,39 @@ local function report_429(age, retry_after, seq)
   s.quiet = math.max(s.quiet or 0, s.paused)
 end
 
--- Move every reservation not yet due behind the pause, at the new limit, in order.
-local function reschedule()
-  local later = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now), '+inf')
-  if #later > 0 then redis.call('ZREMRANGEBYSCORE', log, '(' .. fmt(now), '+inf') end
-  s.last_at = nil
+local function last_reservation()
   local last = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
-  if #last > 0 then s.last_at = tonumber(last[2]) end
+  if #last > 0 then return tonumber(last[2]) end
+  return nil
+end
+
+-- Move every pending reservation behind the pause, at the new limit, in order.
+local function reschedule()
+  local later = redis.call('ZRANGE', pending, 0, -1)
+  for i = 1, #later do redis.call('ZREM', log, later[i]) end
+  s.last_at = last_reservation()
   if burst ~= nil then
     s.tokens = 0
     s.tokens_at = now
   end
-  for i = 1, #later do place(later[i], weight_of(later[i])) end
+  for i = 1, #later do
+    redis.call('ZADD', pending, place(later[i], weight_of(later[i])), later[i])
+  end
 end
 
 redis.call('ZREMRANGEBYSCORE', log, '-inf', fmt(now - span))
-local n = tonumber(ARGV[9])
+redis.call('ZREMRANGEBYSCORE', pending, '-inf', fmt(now - span))
+local n = tonumber(ARGV[10])
 local moved = false
 for i = 0, n - 1 do
-  local kind, a, b, c = ARGV[10 + 4 * i], ARGV[11 + 4 * i], ARGV[12 + 4 * i], ARGV[13 + 4 * i]
+  local kind, a, b, c = ARGV[11 + 4 * i], ARGV[12 + 4 * i], ARGV[13 + 4 * i], ARGV[14 + 4 * i]
   if kind == 'refund' then
+    local score = redis.call('ZSCORE', log, a)
     redis.call('ZREM', log, a)
+    redis.call('ZREM', pending, a)
+    if score and s.last_at ~= nil and tonumber(score) >= s.last_at then
+      s.last_at = last_reservation()  -- the latest went away: the next may come earlier
+    end
   else
     report_429(tonumber(a), tonumber(b), tonumber(c))
     moved = true
@@ -154,7 +169,7 @@ for i = 0, n - 1 do
 end
 if moved then reschedule() end
 
-local op, arg = ARGV[10 + 4 * n], ARGV[11 + 4 * n]
+local op, arg = ARGV[11 + 4 * n], ARGV[12 + 4 * n]
 local wait, member, weight = 0, '', ''
 if op == 'reserve' then
   local w = tonumber(arg)
@@ -163,10 +178,17 @@ if op == 'reserve' then
   s.seq = (s.seq or 0) + 1
   member = s.seq .. ':' .. fmt(w)
   weight = fmt(w)
-  wait = place(member, w) - now
+  local at = place(member, w)
+  wait = at - now
+  if wait > due then redis.call('ZADD', pending, at, member) end
 elseif op == 'check' then
   local score = redis.call('ZSCORE', log, arg)
-  if score then wait = math.max(tonumber(score) - now, 0) else wait = -1 end
+  if not score then
+    wait = -1
+  else
+    wait = math.max(tonumber(score) - now, 0)
+    if wait <= due then redis.call('ZREM', pending, arg) end
+  end
 end
 
 local fields = {}
@@ -179,6 +201,7 @@ if s.last_at == nil then redis.call('HDEL', st, 'last_at') end
 local horizon = math.max(s.last_at or now, s.paused or now) - now + span + 600
 redis.call('PEXPIRE', st, math.ceil(horizon * 1000))
 redis.call('PEXPIRE', log, math.ceil(horizon * 1000))
+redis.call('PEXPIRE', pending, math.ceil(horizon * 1000))
 local lim = limit_at(now)
 return {fmt(wait), member, weight, lim and fmt(lim) or '', fmt((s.paused or 0) - now),
         tostring(s.seq or 0)}
