@@ -20,7 +20,9 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "novita_async", "tests", "benchmarks", "examples", "noxfile.py")
+    paths = ("novita_async", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session

@@ -17,10 +17,9 @@ REQUEST = Txt2ImgRequest(model_name="emulated.safetensors", prompt="a loopback c
 
 async def test_default_transport_per_backend(anyio_backend: str) -> None:
     emu = NovitaEmulator(durations=0.02)
-    async with emu.serve() as server:
-        async with emu.client(base_url=server.base_url, transport=None) as client:
-            result = await client.txt2img(REQUEST, timeout=10)
-            name = client._transport.transport_name
+    async with emu.serve() as server, emu.client(base_url=server.base_url, transport=None) as c:
+        result = await c.txt2img(REQUEST, timeout=10)
+        name = c._transport.transport_name
     assert result.status is TaskStatus.SUCCEED
     assert name == ("httpx-aiohttp" if anyio_backend == "asyncio" else "httpx")
 
@@ -29,13 +28,12 @@ async def test_a_hang_up_after_the_post_is_uncertain_on_the_default_transport() 
     emu = NovitaEmulator(durations=0.02)
     emu.fail_next("txt2img", reset=True, after_create=True)  # created, then hung up
     policy = RetryPolicy(max_retries=3, initial_backoff=0.0, max_backoff=0.0)
-    async with emu.serve() as server:
-        async with emu.client(
-            base_url=server.base_url, transport=None, retry_policy=policy
-        ) as client:
-            with pytest.raises(SubmissionUncertainError):
-                await client.submit_txt2img(REQUEST)
-            await anyio.sleep(0.05)
+    async with emu.serve() as server, emu.client(
+        base_url=server.base_url, transport=None, retry_policy=policy
+    ) as client:
+        with pytest.raises(SubmissionUncertainError):
+            await client.submit_txt2img(REQUEST)
+        await anyio.sleep(0.05)
     assert emu.submissions == 1  # sent once: no second paid task
     assert emu.tasks_created == 1
 

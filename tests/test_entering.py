@@ -103,5 +103,5 @@ async def test_closing_ends_pending_waits_and_refuses_new_ones() -> None:
     assert "closed" in str(errors[0])
     with pytest.raises(RuntimeError, match="closed"):
         await client.submit_txt2img(REQUEST)
-    with pytest.raises(RuntimeError, match="once|closed"):
+    with pytest.raises(RuntimeError, match=r"once|closed"):
         await client.__aenter__()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+
 import anyio
 import pytest
 
 from novita_async import (
-    AsyncNovita,
     Extra,
     PollPolicy,
     TaskResult,
