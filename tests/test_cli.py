@@ -538,7 +538,7 @@ async def test_ctrl_c_tells_what_was_paid_on_its_own_line(tmp_path: Path) -> Non
         argv += ["--out", str(tmp_path / "out")]
         with anyio.fail_after(60):
             async with await anyio.open_process(argv, env=env) as proc:
-                while emu.tasks_created < 3:  # noqa: ASYNC110 (another process submits)
+                while emu.tasks_created < 3:
                     await anyio.sleep(0.05)
                 proc.send_signal(signal.SIGINT)
                 assert proc.stderr is not None

@@ -79,7 +79,7 @@ class Receiver:
 
 async def until(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 (the sender runs on its own schedule)
+        while not condition():
             await anyio.sleep(0.01)
 
 

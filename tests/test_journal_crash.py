@@ -131,7 +131,7 @@ async def child(base_url: str, api_key: str, journal: Path, *extra: str) -> Asyn
 async def wait_for(condition: Callable[[], bool], what: str) -> None:
     try:
         with anyio.fail_after(STEP_TIMEOUT):
-            while not condition():  # noqa: ASYNC110 - polls a file and counters: no event
+            while not condition():
                 await anyio.sleep(0.01)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
