@@ -25,11 +25,7 @@ Locally, without an account: ``python -m novita_async.testing --port 9000
 --images-per-minute 20`` runs the emulator; add ``NOVITA_BASE_URL=http://127.0.0.1:9000``.
 
 asyncio only: redis-py's client does not run on trio (uvicorn runs asyncio).
-
-NOTE: ``AsyncNovita(webhook_url=, rate_limiter=, webhook_relay=)`` and
-``client.receive_webhook()`` are the client API of the engine and webhook redesign
-(issues #8 and #12); this example is written against it and is not run by the test
-suite until that API lands.
+tests/test_examples.py runs two of these apps ("workers") against one Redis.
 """
 
 from __future__ import annotations
@@ -77,7 +73,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         public_url = os.environ.get("PUBLIC_URL")
         base_url = os.environ.get("NOVITA_BASE_URL")
         client = await stack.enter_async_context(
-            AsyncNovita(  # type: ignore[call-arg]  # the API of issues #8/#12
+            AsyncNovita(
                 **({"base_url": base_url} if base_url else {}),
                 rate_limiter=limiter,  # every submission of this worker, shared quota
                 webhook_url=f"{public_url}{WEBHOOK_PATH}" if public_url else None,
@@ -123,7 +119,7 @@ async def novita_webhook(request: Request) -> Response:
     relay, on another worker) and ignores duplicates and strangers' ids."""
     client: AsyncNovita = request.app.state.novita
     try:
-        await client.receive_webhook(await request.body())  # type: ignore[attr-defined]
+        await client.receive_webhook(await request.body())
     except RedisUnavailableError:
         # Not relayed: answer non-2xx so that Novita delivers it again (up to 5 times).
         return Response(status_code=503)

@@ -17,6 +17,7 @@ from novita_async.testing import IMAGE_BASE_URL, NovitaEmulator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROMPTS = ["a red fox", "a haunted house [fail]", "a green field"]
+HOOK = "https://my.app/webhooks/novita"
 
 
 def load(name: str) -> ModuleType:
@@ -32,12 +33,13 @@ def load(name: str) -> ModuleType:
 class Factory:
     """A client factory that remembers what it made (to check the app closes it)."""
 
-    def __init__(self, emu: NovitaEmulator) -> None:
+    def __init__(self, emu: NovitaEmulator, **options: Any) -> None:
         self.emu = emu
+        self.options = options
         self.clients: list[AsyncNovita] = []
 
     def __call__(self) -> AsyncNovita:
-        client = self.emu.client()
+        client = self.emu.client(**self.options)
         self.clients.append(client)
         return client
 
@@ -62,38 +64,42 @@ def check_items(items: list[dict[str, Any]]) -> None:
 async def test_fastapi_app_fans_out_and_receives_webhooks() -> None:
     module = load("fastapi_app")
     emu = NovitaEmulator(durations=(0.01, 0.05))
-    factory = Factory(emu)
+    factory = Factory(emu, webhook_url=HOOK)
     app = module.create_app(client_factory=factory)
     async with app.router.lifespan_context(app):
         assert len(factory.clients) == 1  # ONE client for the whole app
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
-            response = await http.post("/generate", json={"prompts": PROMPTS})
-            assert response.status_code == 200, response.text
-            items = response.json()["items"]
-            check_items(items)
 
-            response = await http.post("/generate", json={"prompts": ["b"], "width": 5000})
-            assert response.status_code == 422
-            assert "width" in response.text
-            response = await http.post("/generate", json={"prompts": []})
-            assert response.status_code == 422
+            async def deliver(url: str, body: bytes) -> int:
+                assert url == HOOK
+                return (await http.post("/webhooks/novita", content=body)).status_code
 
-            task_id = items[0]["task_id"]
-            event = json.dumps(emu.webhook_event(task_id))
-            first = await http.post("/webhooks/novita", content=event)
-            again = await http.post("/webhooks/novita", content=event)
-            garbage = await http.post("/webhooks/novita", content=b"{nope")
-            forged = emu.webhook_event(task_id)
-            forged["payload"]["task"]["task_id"] = "00000000-0000-4000-8000-000000000000"
-            rejected = await http.post("/webhooks/novita", json=forged)
-            other = await http.post("/webhooks/novita", json={"event_type": "PING"})
-        assert first.json() == {"status": "accepted", "task_id": task_id}
-        assert again.json() == {"status": "ignored"}
-        assert garbage.status_code == 400
-        assert rejected.status_code == 400
-        assert other.json() == {"status": "ignored"}
-        assert app.state.received == {task_id: "SUCCEED"}
+            async with emu.webhooks(deliver=deliver, delay=(0.01, 0.02), duplicate_rate=0.5):
+                response = await http.post("/generate", json={"prompts": PROMPTS})
+                assert response.status_code == 200, response.text
+                items = response.json()["items"]
+                check_items(items)
+                polls = emu.polls_total
+
+                response = await http.post("/generate", json={"prompts": ["b"], "width": 5000})
+                assert response.status_code == 422
+                assert "width" in response.text
+                response = await http.post("/generate", json={"prompts": []})
+                assert response.status_code == 422
+
+                forged = emu.webhook_event(items[0]["task_id"])
+                forged["payload"]["task"]["task_id"] = "00000000-0000-4000-8000-000000000000"
+                stranger = await http.post("/webhooks/novita", json=forged)
+                garbage = await http.post("/webhooks/novita", content=b"{nope")
+                other = await http.post("/webhooks/novita", json={"event_type": "PING"})
+        assert polls == len(PROMPTS)  # one confirming GET per task, no polling
+        assert emu.polls_total == polls  # strangers, garbage and duplicates cost nothing
+        for answer in (stranger, garbage, other):
+            assert answer.json() == {"status": "ignored"}
+        assert app.state.received == {
+            item["task_id"]: "SUCCEED" if item["ok"] else "FAILED" for item in items
+        }
         assert len(factory.clients) == 1
     assert factory.clients[0].is_closed
     assert emu.image_auth_headers == 0
@@ -122,28 +128,86 @@ async def test_aiohttp_app_fans_out_and_receives_webhooks() -> None:
 
     module = load("aiohttp_app")
     emu = NovitaEmulator(durations=(0.01, 0.05))
-    factory = Factory(emu)
+    factory = Factory(emu, webhook_url=HOOK)
     app = module.create_app(client_factory=factory)
     async with TestClient(TestServer(app, host="127.0.0.1")) as http:
         assert len(factory.clients) == 1
-        response = await http.post("/generate", json={"prompts": PROMPTS})
-        assert response.status == 200, await response.text()
-        items = (await response.json())["items"]
-        check_items(items)
+
+        async def deliver(url: str, body: bytes) -> int:
+            return (await http.post("/webhooks/novita", data=body)).status
+
+        async with emu.webhooks(deliver=deliver, delay=(0.01, 0.02)):
+            response = await http.post("/generate", json={"prompts": PROMPTS})
+            assert response.status == 200, await response.text()
+            items = (await response.json())["items"]
+            check_items(items)
+        assert emu.polls_total == len(PROMPTS)  # one confirming GET per task
 
         bad = await http.post("/generate", json={"prompts": "not a list"})
         assert bad.status == 400
         bad = await http.post("/generate", data=b"{nope")
         assert bad.status == 400
 
-        task_id = items[2]["task_id"]
-        event = json.dumps(emu.webhook_event(task_id))
-        first = await http.post("/webhooks/novita", data=event)
-        again = await http.post("/webhooks/novita", data=event)
+        late = await http.post(
+            "/webhooks/novita", data=json.dumps(emu.webhook_event(items[2]["task_id"]))
+        )
         garbage = await http.post("/webhooks/novita", data=b"[]")
-        assert await first.json() == {"status": "accepted", "task_id": task_id}
-        assert await again.json() == {"status": "ignored"}
-        assert garbage.status == 400
-        assert app[module.RECEIVED] == {task_id: "SUCCEED"}
+        assert await late.json() == {"status": "ignored"}  # nobody waits on it any more
+        assert await garbage.json() == {"status": "ignored"}
+        assert emu.polls_total == len(PROMPTS)
+        assert app[module.RECEIVED] == {
+            item["task_id"]: "SUCCEED" if item["ok"] else "FAILED" for item in items
+        }
     assert factory.clients[0].is_closed
     assert emu.image_auth_headers == 0
+
+
+# --------------------------------------------------------------------------- Redis: two workers
+
+
+@pytest.mark.asyncio
+async def test_redis_fastapi_app_two_workers_share_a_quota_and_relay_webhooks(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two "workers" of examples/redis_fastapi_app.py on one Redis: a delivery reaching
+    the worker that does not wait for its task wakes the one that does, with one GET."""
+    import anyio
+
+    emu = NovitaEmulator(durations=0.3)
+    async with emu.serve() as server:
+        monkeypatch.setenv("REDIS_URL", redis_url)
+        monkeypatch.setenv("NOVITA_API_KEY", emu.api_key)
+        monkeypatch.setenv("NOVITA_BASE_URL", server.base_url)
+        monkeypatch.setenv("PUBLIC_URL", "https://my.app")
+        module = load("redis_fastapi_app")
+        apps = [module.FastAPI(lifespan=module.lifespan, routes=module.app.routes) for _ in "ab"]
+        async with (
+            apps[0].router.lifespan_context(apps[0]),
+            apps[1].router.lifespan_context(apps[1]),
+        ):
+            a, b = (
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w")
+                for app in apps
+            )
+            async with a, b, anyio.create_task_group() as tg:
+                answers: list[Any] = []
+
+                async def generate() -> None:
+                    answers.append((await a.post("/generate", json={"prompts": ["x"]})).json())
+
+                tg.start_soon(generate)
+                with anyio.fail_after(10):
+                    while not emu.tasks:
+                        await anyio.sleep(0.01)
+                    [task_id] = list(emu.tasks)
+                    while emu.result_json(task_id)["task"]["status"] != "TASK_STATUS_SUCCEED":
+                        await anyio.sleep(0.01)
+                delivered = await b.post(
+                    module.WEBHOOK_PATH, content=json.dumps(emu.webhook_event(task_id))
+                )
+                assert delivered.status_code == 204
+    [[item]] = answers
+    assert item["task_id"] == task_id
+    assert item["error"] is None
+    assert emu.polls[task_id] == 1  # confirmed once, by the worker that waited
+    assert emu.tasks[task_id].extra["webhook"] == {"url": "https://my.app/webhooks/novita"}
