@@ -30,6 +30,8 @@ _COST_MODEL_GAIN = 0.8
 MAX_SECONDS = 86_400.0
 #: Recent ``server submit time - local submit time`` values (server clock offset).
 _CLOCK_SAMPLES = 32
+#: A server-stamped duration may exceed what was observed locally by this much (jitter).
+_CLOCK_TOLERANCE = 0.05
 
 
 def _stderr(q: float, n: int) -> float:
@@ -40,11 +42,12 @@ def _stderr(q: float, n: int) -> float:
 class Window:
     """The last ``size`` samples of one quantity, also kept sorted (for quantiles)."""
 
-    __slots__ = ("_sorted", "_values")
+    __slots__ = ("_floor", "_sorted", "_values")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, floor: float = 0.0) -> None:
         self._values: deque[float] = deque(maxlen=size)
         self._sorted: list[float] = []
+        self._floor = floor  # extrapolation below the samples stops here
 
     def __len__(self) -> int:
         return len(self._values)
@@ -64,7 +67,7 @@ class Window:
         pos = q * (last + 2) - 1
         k = min(_EDGE_SPACINGS, last)
         if pos < 0:  # the smallest sample overstates a low quantile: step below it
-            return max(0.0, ordered[0] + pos * (ordered[k] - ordered[0]) / k)
+            return max(self._floor, ordered[0] + pos * (ordered[k] - ordered[0]) / k)
         if pos > last:
             return ordered[last] + (pos - last) * (ordered[last] - ordered[last - k]) / k
         i = int(pos)
@@ -76,10 +79,26 @@ class Window:
         """Empirical CDF at ``value`` (plotting positions, as :meth:`quantile`)."""
         return bisect.bisect_right(self._sorted, value) / (len(self._sorted) + 1)
 
-    def spread(self, lo: float, hi: float) -> float:
-        """log(hi-quantile / lo-quantile): relative dispersion, scale-free."""
-        low = self.quantile(lo)
-        return math.log(self.quantile(hi) / low) if low > 0 else math.inf
+    def replace(self, values: list[float]) -> None:
+        """Hold exactly ``values`` (the newest last)."""
+        self._values.clear()
+        self._values.extend(values)
+        self._sorted = sorted(self._values)
+
+
+class _Model:
+    """One way to predict a duration: ``shift + scale * quantile of window``."""
+
+    __slots__ = ("scale", "shift", "window")
+
+    def __init__(self, window: Window, scale: float, shift: float) -> None:
+        self.window, self.scale, self.shift = window, scale, shift
+
+    def at(self, q: float) -> float:
+        return self.shift + self.scale * self.window.quantile(q)
+
+    def done_by(self, seconds: float) -> float:
+        return self.window.fraction_below((seconds - self.shift) / self.scale)
 
 
 class Learner:
@@ -88,8 +107,16 @@ class Learner:
     Samples come from Novita's ``debug_info`` timestamps of finished tasks
     (shifted onto the local clock by the smallest recent offset between the two
     clocks, so the submission lag is included) or from the ``eta`` of probe
-    polls. Two windows are kept: seconds, and seconds per unit of cost; the one
-    with the smaller relative spread predicts. Memory is bounded by the windows.
+    polls. Three models compete, and for each request the one whose
+    prediction interval is narrowest at its cost predicts:
+
+    * ``raw``: the durations themselves (cost tells nothing);
+    * ``per_cost``: seconds per unit of cost (time proportional to the work);
+    * ``affine``: ``a + b * cost`` fitted by least squares, plus the quantiles of
+      the residuals (a fixed part, model load, VAE, upload, queueing, plus a
+      per-cost part: what real GPUs do).
+
+    Memory is bounded by the windows; the affine fit is redone every few samples.
     """
 
     def __init__(
@@ -105,6 +132,10 @@ class Learner:
         self.latency_budget = latency_budget
         self.raw = Window(window)
         self.per_cost = Window(window)
+        self._pairs: deque[tuple[float, float]] = deque(maxlen=window)  # (cost, seconds)
+        self._residuals = Window(window, floor=-math.inf)
+        self._line: tuple[float, float] | None = None  # (intercept, slope) of the affine fit
+        self._unfitted = 0
         self._offsets: deque[float] = deque(maxlen=_CLOCK_SAMPLES)
         self.probes_out = 0
         self.eta_supported: bool | None = None
@@ -113,23 +144,29 @@ class Learner:
     def warm(self) -> bool:
         return len(self.raw) >= self.warmup
 
-    def _model(self, cost: float | None) -> tuple[Window, float, float, float]:
-        """(window, scale, low quantile, high quantile) that predict a task of ``cost``.
+    def _model(self, cost: float | None) -> tuple[_Model, float, float]:
+        """(model, low quantile, high quantile) that predict a task of ``cost``.
 
-        Quantiles are widened by one standard error while samples are few.
-        Durations are scaled by ``cost`` when that clearly shrinks their
-        relative spread (i.e. when cost predicts the duration).
+        Quantiles are widened by one standard error while samples are few. A
+        cost model must beat the raw durations' interval by a clear margin.
         """
         n = len(self.raw)
         hi = min(0.99, self.quantile + _stderr(self.quantile, n))
         lo = max(0.0, _GUARD_QUANTILE - _stderr(_GUARD_QUANTILE, n))
-        if (
-            cost is not None
-            and len(self.per_cost) >= self.warmup
-            and self.per_cost.spread(lo, hi) < _COST_MODEL_GAIN * self.raw.spread(lo, hi)
-        ):
-            return self.per_cost, cost, lo, hi
-        return self.raw, 1.0, lo, hi
+        best = _Model(self.raw, 1.0, 0.0)
+        if cost is None:
+            return best, lo, hi
+        width = _COST_MODEL_GAIN * (best.at(hi) - best.at(lo))
+        candidates = []
+        if len(self.per_cost) >= self.warmup:
+            candidates.append(_Model(self.per_cost, cost, 0.0))
+        if self._line is not None:
+            intercept, slope = self._line
+            candidates.append(_Model(self._residuals, 1.0, intercept + slope * cost))
+        for model in candidates:
+            if model.at(hi) - model.at(lo) < width:
+                best, width = model, model.at(hi) - model.at(lo)
+        return best, lo, hi
 
     def first_poll(self, cost: float | None) -> float | None:
         """Seconds after submission to poll first, or ``None`` while nothing is known.
@@ -139,10 +176,10 @@ class Learner:
         """
         if not self.warm:
             return None
-        window, scale, lo, hi = self._model(cost)
-        offset = scale * window.quantile(hi)
+        model, lo, hi = self._model(cost)
+        offset = model.at(hi)
         if self.latency_budget is not None:
-            offset = min(offset, scale * window.quantile(lo) + self.latency_budget)
+            offset = min(offset, model.at(lo) + self.latency_budget)
         return max(offset, 0.0)
 
     def next_poll(self, elapsed: float, cost: float | None) -> float | None:
@@ -153,17 +190,24 @@ class Learner:
         """
         if not self.warm:
             return None
-        window, scale, _, _ = self._model(cost)
-        done = window.fraction_below(elapsed / scale)
+        model, _, _ = self._model(cost)
+        done = model.done_by(elapsed)
         if done >= _TAIL:
             return None
-        return scale * window.quantile(done + (1 - done) * self.quantile)
+        return model.at(done + (1 - done) * self.quantile)
 
     def wants_probe(self) -> bool:
         return self.eta_supported is not False and self.probes_out + len(self.raw) < self.warmup
 
-    def from_timestamps(self, result: TaskResult, submitted_at: float | None) -> float | None:
-        """Submission-to-completion seconds from the server's timestamps, if any."""
+    def from_timestamps(
+        self, result: TaskResult, submitted_at: float | None, observed: float | None = None
+    ) -> float | None:
+        """Submission-to-completion seconds from the server's timestamps, if any.
+
+        ``observed``: seconds from submission to the answer that showed the task
+        finished. The server's clock is not trusted beyond what was seen: a
+        duration longer than that (or negative) is not a sample.
+        """
         info = result.extra.debug_info
         if info is None or not info.submit_time_ms or not info.complete_time_ms:
             return None
@@ -171,10 +215,12 @@ class Learner:
         duration = info.complete_time_ms / 1000 - submitted
         if not 0 <= duration <= MAX_SECONDS:
             return None
-        if submitted_at is None:
-            return duration
-        self._offsets.append(submitted - submitted_at)
-        return duration + self._offsets[-1] - min(self._offsets)
+        if submitted_at is not None:
+            self._offsets.append(submitted - submitted_at)
+            duration += self._offsets[-1] - min(self._offsets)
+        if observed is not None and duration > observed + _CLOCK_TOLERANCE:
+            return None
+        return duration
 
     def add(self, seconds: float, cost: float | None) -> bool:
         """Learn one duration; ``True`` when it made the learner warm."""
@@ -184,4 +230,30 @@ class Learner:
         self.raw.add(seconds)
         if cost is not None:
             self.per_cost.add(seconds / cost)
+            self._pairs.append((cost, seconds))
+            self._unfitted += 1
+            if self._unfitted >= (1 if len(self._pairs) < 64 else 8):
+                self._fit()
         return self.warm and not was_warm
+
+    def _fit(self) -> None:
+        """Least squares ``seconds = a + b * cost``; kept only with a slope >= 0 fitted on
+        costs that vary, and then the residuals of every pair."""
+        self._unfitted = 0
+        pairs = self._pairs
+        n = len(pairs)
+        if n < self.warmup:
+            return
+        mean_c = sum(c for c, _ in pairs) / n
+        mean_s = sum(s for _, s in pairs) / n
+        var_c = sum((c - mean_c) ** 2 for c, _ in pairs)
+        if var_c <= (0.05 * mean_c) ** 2 * n:  # costs barely vary: no slope to learn
+            self._line = None
+            return
+        slope = sum((c - mean_c) * (s - mean_s) for c, s in pairs) / var_c
+        if slope < 0:
+            self._line = None
+            return
+        intercept = mean_s - slope * mean_c
+        self._line = (intercept, slope)
+        self._residuals.replace([s - intercept - slope * c for c, s in pairs])

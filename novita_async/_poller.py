@@ -54,6 +54,8 @@ __all__ = ["PollHint", "PollPolicy", "PollScheduler", "PollStats"]
 
 logger = logging.getLogger("novita_async")
 
+#: Whole-second etas in a row (and no fraction ever) that make etas "rounded up".
+_WHOLE_ETAS = 5
 #: Errors that survived the transport's retries but say nothing about the task.
 _TRANSIENT = (APIConnectionError, ServerError, RateLimitError, MalformedResponseError)
 
@@ -210,6 +212,7 @@ class _Entry:
         "error",
         "errors",
         "event",
+        "finish_by",
         "heap_seq",
         "last",
         "malformed",
@@ -223,6 +226,7 @@ class _Entry:
         "sampled",
         "scope",
         "sent",
+        "split",
         "submitted_at",
         "task_id",
         "waiters",
@@ -248,6 +252,8 @@ class _Entry:
         self.backoff = backoff
         self.errors = 0
         self.malformed: tuple[int, str] = (0, "")  # identical malformed answers in a row
+        self.finish_by: float | None = None  # a whole-second eta's upper bound
+        self.split = False  # the last second of a whole-second eta was split once
         self.last: TaskResult | None = None
         self.done = False
         self.dropped = False
@@ -314,6 +320,7 @@ class PollScheduler:
             window=policy.learning_window, warmup=5, quantile=0.99, latency_budget=None
         )
         self._paused_until = -math.inf
+        self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
         self._stats = PollStats()
         self._seq = 0
         #: (next_at, seq, entry): lazy deletion, an item is valid iff entry.heap_seq == seq.
@@ -670,7 +677,9 @@ class PollScheduler:
                     elif learner.eta_supported is None:
                         learner.eta_supported = False
                 elif status is TaskStatus.SUCCEED:
-                    stamped = learner.from_timestamps(result, entry.submitted_at)
+                    stamped = learner.from_timestamps(
+                        result, entry.submitted_at, now - entry.submitted_at
+                    )
                     self._sample(entry, sent - entry.submitted_at if stamped is None else stamped)
                 self._settle_probe(entry)
             elif entry.plan != "now" and status is not TaskStatus.FAILED:
@@ -680,14 +689,15 @@ class PollScheduler:
                     stats.first_poll_misses += 1
         if status.is_terminal:
             if status is TaskStatus.SUCCEED and not entry.sampled:
-                stamped = learner.from_timestamps(result, entry.submitted_at)
+                observed = None if entry.submitted_at is None else now - entry.submitted_at
+                stamped = learner.from_timestamps(result, entry.submitted_at, observed)
                 if stamped is not None:
                     self._sample(entry, stamped)
             self._finish(entry, result=result)
             return
         delay: float | None
         if eta is not None:
-            delay = eta + policy.eta_margin
+            delay = self._eta_delay(entry, eta, now)
             entry.backoff = policy.backoff_initial
         else:  # no eta: what slower tasks took, or back off
             delay = self._learned_delay(entry, now)
@@ -695,6 +705,31 @@ class PollScheduler:
                 delay = entry.backoff
                 entry.backoff = min(entry.backoff * policy.backoff_factor, policy.max_interval)
         entry.next_at = now + min(max(delay, policy.min_interval), policy.max_interval)
+
+    def _eta_delay(self, entry: _Entry, eta: float, now: float) -> float:
+        """When to poll after an answer with ``eta`` seconds left.
+
+        A server whose etas are whole seconds (five in a row, never a fraction)
+        rounds up: the task ends within the last second, ``(eta - 1, eta]``.
+        Polling at the end of that second costs one poll and up to a second of
+        latency; the first time, it is split: a poll at its middle, then (if
+        needed) one at its end. Exact etas are polled at ``eta + eta_margin``.
+        """
+        margin = self.policy.eta_margin
+        if eta != int(eta):
+            self._whole_etas = -1  # a fraction: this server's etas are exact
+        elif self._whole_etas >= 0:
+            self._whole_etas += 1
+        if self._whole_etas < _WHOLE_ETAS:
+            return eta + margin
+        bound = now + eta
+        if entry.finish_by is not None and now < entry.finish_by < bound:
+            bound = entry.finish_by
+        entry.finish_by = bound
+        if entry.split or bound - now <= 0.6 or bound - now > self.policy.max_interval + 0.5:
+            return bound - now + margin
+        entry.split = True
+        return bound - 0.5 - now
 
     def _learned_delay(self, entry: _Entry, now: float) -> float | None:
         if entry.submitted_at is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -59,8 +60,9 @@ class FakeServer:
     ``errors[task_id]`` lists what its next polls raise, in order (``None``: answer).
     """
 
-    def __init__(self, *, eta: bool = True, latency: float = 0.0) -> None:
+    def __init__(self, *, eta: bool = True, latency: float = 0.0, whole: bool = False) -> None:
         self.eta = eta
+        self.whole = whole  # etas rounded up to whole seconds
         self.latency = latency
         self.tasks: dict[str, FakeTask] = {}
         self.calls: list[tuple[float, str]] = []
@@ -118,6 +120,8 @@ class FakeServer:
             status = TaskStatus.PROCESSING
         finished = status.is_terminal
         eta = 0.0 if finished or not self.eta else round(done_at - now, 3)
+        if self.whole and eta:
+            eta = float(math.ceil(eta))
         debug = DebugInfo(
             submit_time_ms=EPOCH_MS + int(task.created * 1000),
             complete_time_ms=EPOCH_MS + int(done_at * 1000) if finished else None,
@@ -276,6 +280,79 @@ class TestVirtualTime:
             for job in jobs:
                 tg.start_soon(one, *job)
         return delivered
+
+    @pytest.mark.anyio
+    async def test_learns_a_fixed_part_plus_a_per_cost_part(self) -> None:
+        """Real GPU time: model load, decode, upload (fixed) plus steps x pixels (per cost).
+        Neither raw durations nor seconds-per-cost predict it; the affine fit does."""
+        server = FakeServer(eta=False)
+        sched = scheduler(server)
+        rng = random.Random(3)
+
+        def duration(cost: float) -> float:
+            return 1.0 + 0.02 * cost + rng.uniform(-0.02, 0.02)
+
+        def jobs(prefix: str, n: int) -> list[tuple[str, float, float]]:
+            costs = [rng.choice([10.0, 25.0, 50.0, 75.0, 100.0]) for _ in range(n)]
+            return [(f"{prefix}{i}", duration(c), c) for i, c in enumerate(costs)]
+
+        async with running(sched):
+            await self._submit_wave(server, sched, jobs("warm", 60))
+            for cost in (10.0, 50.0, 100.0):
+                predicted = sched.predict_first_poll(cost=cost)
+                assert predicted is not None
+                assert predicted == pytest.approx(1.0 + 0.02 * cost, abs=0.08)
+            wave = jobs("t", 100)
+            delivered = await self._submit_wave(server, sched, wave)
+        polls = [server.polls(task_id) for task_id, _, _ in wave]
+        late = [delivered[t] - server.completed_at(t) for t, _, _ in wave]
+        assert sum(polls) / len(polls) <= 1.3
+        assert p95(late) <= 0.2
+
+    @pytest.mark.anyio
+    async def test_debug_info_later_than_observed_is_not_learned(self) -> None:
+        """A server clock that claims a task finished after we saw it finished is wrong."""
+        server = FakeServer(eta=False)
+        sched = scheduler(server, warmup_samples=1, learning_window=1)
+        async with running(sched):
+            submitted = server.add("t", 1.0)
+            server.tasks["t"].duration = 1.0
+            await anyio.sleep(1.5)
+            real = server.answer
+
+            def skewed(task_id: str) -> TaskResult:
+                result = real(task_id)  # completion stamped 30 s in the future
+                info = attrs.evolve(result.extra.debug_info, complete_time_ms=EPOCH_MS + 31_500)
+                return attrs.evolve(result, extra=attrs.evolve(result.extra, debug_info=info))
+
+            server.answer = skewed  # type: ignore[method-assign]
+            await sched.wait("t", hint=PollHint(submitted_at=submitted, cost=1.0))
+        # what was seen (done by 1.5 s) bounds it, not the server's 31.5 s
+        assert sched.stats.duration_samples == 1
+        assert sched.stats.duration_p50 == pytest.approx(1.5)
+
+    @pytest.mark.anyio
+    async def test_whole_second_etas_split_the_last_second(self) -> None:
+        server = FakeServer(whole=True)
+        sched = scheduler(server, eta_margin=0.05)
+        async with running(sched):
+            for i in range(5):  # five whole-second etas in a row: the server rounds up
+                server.add(f"warm{i}", 0.2)
+                await sched.wait(f"warm{i}")
+            start = server.add("t", 2.3)
+            await sched.wait("t")
+        times = [t - start for t in server.times("t")]
+        # eta 3 at 0: the task ends within (2, 3]; poll at 2.5 (done), not at 3.05
+        assert times == pytest.approx([0.0, 2.5])
+
+    @pytest.mark.anyio
+    async def test_exact_etas_are_not_split(self) -> None:
+        server = FakeServer()
+        sched = scheduler(server, eta_margin=0.05)
+        async with running(sched):
+            start = server.add("t", 2.3)
+            await sched.wait("t")
+        assert [t - start for t in server.times("t")] == pytest.approx([0.0, 2.35])
 
     @pytest.mark.anyio
     async def test_learns_cost_proportional_durations(self) -> None:
