@@ -1,0 +1,498 @@
+"""When to poll: the scheduler's policy, counters and per-task plans.
+
+:class:`PollPolicy` (the tunables), :class:`PollHint` (what a caller knows of its
+task), :class:`PollStats` (live counters), the per-task :class:`Entry`, and the
+:class:`Planner` that decides each task's next poll: the first one from the
+learned durations (:mod:`._learn`), a probe or a cold delay; after an answer,
+the server's ``eta`` (split within its last second when etas are whole seconds),
+the durations of slower tasks, or a backoff; after an error, a backoff or the end
+of the task; with webhooks, a safety-net poll only when a delivery is late.
+Pure decisions: no I/O and no tasks (those are :mod:`._poller`'s).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import anyio
+import attrs
+
+from ._errors import (
+    APIConnectionError,
+    MalformedResponseError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+)
+from ._learn import MAX_SECONDS, Learner
+from ._models import Task, TaskResult, TaskStatus
+
+__all__ = ["Entry", "Outcome", "Planner", "PollHint", "PollPolicy", "PollStats"]
+
+logger = logging.getLogger("novita_async")
+
+#: Whole-second etas in a row (and no fraction ever) that make etas "rounded up".
+_WHOLE_ETAS = 5
+#: Errors that survived the transport's retries but say nothing about the task.
+_TRANSIENT = (APIConnectionError, ServerError, RateLimitError, MalformedResponseError)
+
+_nonneg = attrs.validators.ge(0.0)
+_positive = attrs.validators.gt(0.0)
+_fraction = attrs.validators.and_(attrs.validators.gt(0.0), attrs.validators.lt(1.0))
+
+
+def _optional_nonneg(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not value >= 0:
+        raise ValueError(f"{attribute.name} must be None or >= 0, got {value!r}")
+
+
+Plan = Literal["now", "probe", "probed", "cold", "learned", "webhook"]
+
+
+@attrs.frozen(kw_only=True)
+class PollPolicy:
+    """Tunables of the polling scheduler (durations in seconds).
+
+    * After an unfinished answer the next poll comes ``eta + eta_margin`` later
+      when the server gives an ``eta``; else where the learned durations of
+      slower tasks put it (at most ``latency_budget`` later); else after a
+      backoff that starts at ``backoff_initial`` and grows by
+      ``backoff_factor``. All are clamped to [``min_interval``,
+      ``max_interval``]. Errors that survived the transport's retries back off
+      the same way, until the caller's deadline.
+    * The first poll of a submitted task comes at the ``first_poll_quantile`` of
+      the learned durations, but at most ``latency_budget`` after the
+      ``5 %`` quantile (``None`` disables that guard). Learning keeps the last
+      ``learning_window`` durations; until ``warmup_samples`` are known, a few
+      tasks are *probed* ``probe_delay`` after submission (their ``eta`` is a
+      sample) and the others wait ``first_poll_delay``.
+    * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
+      a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
+    * One tick polls every task due within ``tick_coalesce`` of it (so a poll
+      may come that much early). A task whose answers stay malformed (the
+      transport's retries included) ``max_malformed`` polls in a row ends with
+      :class:`~novita_async.MalformedResponseError`.
+    * With webhooks (``AsyncNovita(webhook_url=...)``) a task is not polled
+      until its delivery is clearly late: at ``1.25 x`` the learned 99 %
+      quantile of submission-to-delivery times plus ``webhook_grace``
+      (``webhook_cold_delay`` after submission while nothing is learned).
+    """
+
+    min_interval: float = attrs.field(default=0.2, validator=_nonneg)
+    max_interval: float = attrs.field(default=5.0, validator=_positive)
+    backoff_initial: float = attrs.field(default=0.5, validator=_positive)
+    backoff_factor: float = attrs.field(default=1.5, validator=attrs.validators.ge(1.0))
+    eta_margin: float = attrs.field(default=0.05, validator=_nonneg)
+    first_poll_delay: float = attrs.field(default=1.0, validator=_nonneg)
+    first_poll_quantile: float = attrs.field(default=0.8, validator=_fraction)
+    latency_budget: float | None = attrs.field(default=0.4, validator=_optional_nonneg)
+    probe_delay: float = attrs.field(default=0.25, validator=_nonneg)
+    warmup_samples: int = attrs.field(default=20, validator=attrs.validators.ge(1))
+    learning_window: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    not_found_grace: float = attrs.field(default=10.0, validator=_nonneg)
+    max_pause: float = attrs.field(default=60.0, validator=_nonneg)
+    tick_coalesce: float = attrs.field(default=0.02, validator=_nonneg)
+    max_malformed: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    webhook_grace: float = attrs.field(default=1.0, validator=_nonneg)
+    webhook_cold_delay: float = attrs.field(default=20.0, validator=_nonneg)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_interval > self.max_interval:
+            raise ValueError("min_interval must not exceed max_interval")
+        if self.warmup_samples > self.learning_window:
+            raise ValueError("warmup_samples must not exceed learning_window")
+
+
+@attrs.define(kw_only=True, eq=False)
+class PollStats:
+    """Live counters of a :class:`PollScheduler` (read them, don't write them).
+
+    ``polls_total`` counts GETs sent, ``polls_cancelled`` those cut short (a
+    dropped task, a hand-off); ``polls_by_task`` counts answered polls of the
+    tasks being tracked right now; ``poll_histogram`` maps "answered polls a
+    finished task needed" to a task count. ``ticks`` counts scheduler ticks
+    that started polls (``max_polls_per_tick``: the most one tick started).
+    ``waits`` counts :meth:`PollScheduler.wait` calls and ``heap_pushes`` the
+    scheduling operations: both grow with tasks and polls, never with the
+    number of tasks already tracked.
+    """
+
+    polls_total: int = 0
+    polls_by_task: dict[str, int] = attrs.field(factory=dict)
+    poll_histogram: dict[int, int] = attrs.field(factory=dict)
+    tasks_succeeded: int = 0
+    tasks_failed: int = 0
+    tasks_errored: int = 0
+    tasks_abandoned: int = 0
+    timeouts: int = 0
+    transient_errors: int = 0
+    not_found_retries: int = 0
+    rate_limit_pauses: int = 0
+    polls_cancelled: int = 0
+    ticks: int = 0
+    max_polls_per_tick: int = 0
+    waits: int = 0
+    heap_pushes: int = 0
+    webhooks_received: int = 0
+    webhooks_confirmed: int = 0
+    webhooks_unknown: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    probes: int = 0
+    first_poll_hits: int = 0
+    first_poll_misses: int = 0
+    duration_samples: int = 0
+    duration_p50: float | None = None
+    seconds_per_cost_p50: float | None = None
+
+    @property
+    def tasks_completed(self) -> int:
+        """Tasks seen finished (SUCCEED or FAILED)."""
+        return self.tasks_succeeded + self.tasks_failed
+
+    @property
+    def mean_polls_per_task(self) -> float:
+        """Mean polls over finished tasks (0.0 before any)."""
+        tasks = sum(self.poll_histogram.values())
+        polls = sum(n * count for n, count in self.poll_histogram.items())
+        return polls / tasks if tasks else 0.0
+
+
+@attrs.frozen(kw_only=True)
+class PollHint:
+    """What the caller knows about a task it waits for.
+
+    ``submitted_at``: ``anyio.current_time()`` taken just before the POST;
+    ``cost``: :attr:`Txt2ImgRequest.cost` (relative GPU work); ``webhook``:
+    the task was submitted with a webhook, so polls are held back.
+    """
+
+    submitted_at: float | None = None
+    cost: float | None = None
+    webhook: bool = False
+
+
+# --------------------------------------------------------------------------- entries
+
+
+class Entry:
+    """One tracked task, shared by all its waiters."""
+
+    __slots__ = (
+        "answered",
+        "backoff",
+        "confirming",
+        "cost",
+        "created_at",
+        "done",
+        "dropped",
+        "error",
+        "errors",
+        "event",
+        "finish_by",
+        "heap_seq",
+        "last",
+        "malformed",
+        "next_at",
+        "plan",
+        "polling",
+        "polls",
+        "recheck",
+        "result",
+        "resume_at",
+        "sampled",
+        "scope",
+        "sent",
+        "split",
+        "submitted_at",
+        "task_id",
+        "waiters",
+        "webhook",
+    )
+
+    def __init__(self, task_id: str, now: float, backoff: float) -> None:
+        self.task_id = task_id
+        self.created_at = now
+        self.submitted_at: float | None = None
+        self.cost: float | None = None
+        self.waiters = 0
+        self.event = anyio.Event()  # set when done (or dropped)
+        self.plan: Plan = "now"
+        self.next_at = now
+        self.heap_seq = -1  # seq of this entry's one valid heap item, -1: none
+        self.polling = False  # handed to the workers, answer not applied yet
+        self.scope: anyio.CancelScope | None = None  # the poll in flight
+        self.sent = 0
+        self.polls = 0
+        self.answered = False
+        self.sampled = False
+        self.backoff = backoff
+        self.errors = 0
+        self.malformed: tuple[int, str] = (0, "")  # identical malformed answers in a row
+        self.finish_by: float | None = None  # a whole-second eta's upper bound
+        self.split = False  # the last second of a whole-second eta was split once
+        self.last: TaskResult | None = None
+        self.done = False
+        self.dropped = False
+        self.result: TaskResult | None = None
+        self.error: Exception | None = None
+        self.webhook = False  # submitted with a webhook: polls held back
+        self.confirming: anyio.Event | None = None  # a delivery waits for a poll's answer
+        self.recheck = False  # a delivery came while a GET was on the wire: poll once more
+        self.resume_at: float | None = None  # the plan a delivery's poll interrupted
+
+    @property
+    def live(self) -> bool:
+        return not (self.done or self.dropped)
+
+    def absorb(self, hint: PollHint, now: float) -> None:
+        """Take what ``hint`` knows and this entry does not (for learning)."""
+        submitted, cost = hint.submitted_at, hint.cost
+        if self.submitted_at is None and submitted is not None and math.isfinite(submitted):
+            self.submitted_at = min(submitted, now)
+        if self.cost is None and cost is not None and math.isfinite(cost) and cost > 0:
+            self.cost = float(cost)
+        self.webhook = self.webhook or hint.webhook
+
+
+def _eta(result: TaskResult) -> float | None:
+    eta = result.task.eta
+    if eta is None or not 0 < eta <= MAX_SECONDS:
+        return None
+    return float(eta)
+
+
+@attrs.frozen
+class Outcome:
+    """What an answer or an error means for a task: finished (``result`` or
+    ``error``), or polled again at ``entry.next_at``; ``warmed``: the learner just
+    became warm (cold first polls can be re-planned)."""
+
+    result: TaskResult | None = None
+    error: Exception | None = None
+    warmed: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class Planner:
+    """When to poll each task: its first poll, and after each answer or error.
+
+    Holds the policy, the counters, the duration learner, the learner of webhook
+    delivery times and the rate-limit pause; it sets ``entry.next_at`` and tells
+    the scheduler when a task is finished. No I/O, no tasks.
+    """
+
+    def __init__(self, policy: PollPolicy, stats: PollStats) -> None:
+        self.policy = policy
+        self.stats = stats
+        self.learner = Learner(
+            window=policy.learning_window,
+            warmup=policy.warmup_samples,
+            quantile=policy.first_poll_quantile,
+            latency_budget=policy.latency_budget,
+        )
+        #: Submission-to-delivery times of webhooks (when a delivery is late).
+        self.deliveries = Learner(
+            window=policy.learning_window, warmup=5, quantile=0.99, latency_budget=None
+        )
+        self.paused_until = -math.inf  # a 429 on a poll pauses every poll
+        self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
+
+    def first(self, entry: Entry) -> None:
+        """Plan the first poll of a newly tracked task."""
+        submitted, learner = entry.submitted_at, self.learner
+        if submitted is None:
+            return  # no hint: poll at once
+        if entry.webhook:
+            entry.plan, entry.next_at = "webhook", submitted + self.safety_offset(entry.cost)
+            return
+        offset = learner.first_poll(entry.cost)
+        if offset is not None:
+            entry.plan, entry.next_at = "learned", submitted + offset
+        elif learner.wants_probe():
+            learner.probes_out += 1
+            self.stats.probes += 1
+            entry.plan, entry.next_at = "probe", submitted + self.policy.probe_delay
+        else:
+            entry.plan, entry.next_at = "cold", submitted + self.policy.first_poll_delay
+
+    def safety_offset(self, cost: float | None) -> float:
+        """Seconds after submission when a webhook task's delivery is clearly late."""
+        late = self.deliveries.first_poll(cost)
+        if late is None:
+            return self.policy.webhook_cold_delay
+        return 1.25 * late + self.policy.webhook_grace
+
+    def replan(self, entry: Entry) -> float:
+        """Re-plan a first poll with what was learned since; return when it is due.
+
+        A cold plan moves either way, a learned one only later; a webhook task's
+        safety poll follows what is known of deliveries.
+        """
+        if entry.plan == "webhook":
+            if entry.sent == 0 and entry.submitted_at is not None and entry.confirming is None:
+                entry.next_at = entry.submitted_at + self.safety_offset(entry.cost)
+            return entry.next_at
+        if entry.sent == 0 and entry.plan in ("cold", "learned") and self.learner.warm:
+            offset = self.learner.first_poll(entry.cost)
+            if offset is not None and entry.submitted_at is not None:
+                planned = entry.submitted_at + offset
+                if entry.plan == "cold" or planned > entry.next_at:
+                    entry.plan, entry.next_at = "learned", planned
+        return entry.next_at
+
+    def answered(self, entry: Entry, result: TaskResult, sent: float) -> Outcome:
+        now = anyio.current_time()
+        policy, learner, stats = self.policy, self.learner, self.stats
+        status = result.status
+        eta = _eta(result)
+        warmed = False
+        first, entry.answered = not entry.answered, True
+        entry.last, entry.errors, entry.malformed = result, 0, (0, "")
+        if first and entry.submitted_at is not None:
+            if entry.plan == "probe":
+                if not status.is_terminal:
+                    if eta is not None:
+                        learner.eta_supported = True
+                        warmed |= self._sample(entry, now - entry.submitted_at + eta)
+                    elif learner.eta_supported is None:
+                        learner.eta_supported = False
+                elif status is TaskStatus.SUCCEED:
+                    stamped = learner.from_timestamps(
+                        result, entry.submitted_at, now - entry.submitted_at
+                    )
+                    seen = sent - entry.submitted_at
+                    warmed |= self._sample(entry, seen if stamped is None else stamped)
+                self.settle_probe(entry)
+            elif entry.plan != "now" and status is not TaskStatus.FAILED:
+                if status.is_terminal:
+                    stats.first_poll_hits += 1
+                else:
+                    stats.first_poll_misses += 1
+        if status.is_terminal:
+            if status is TaskStatus.SUCCEED and not entry.sampled:
+                observed = None if entry.submitted_at is None else now - entry.submitted_at
+                stamped = learner.from_timestamps(result, entry.submitted_at, observed)
+                if stamped is not None:
+                    warmed |= self._sample(entry, stamped)
+            return Outcome(result=result, warmed=warmed)
+        delay: float | None
+        if eta is not None:
+            delay = self._eta_delay(entry, eta, now)
+            entry.backoff = policy.backoff_initial
+        else:  # no eta: what slower tasks took, or back off
+            delay = self._learned_delay(entry, now)
+            if delay is None:
+                delay = entry.backoff
+                entry.backoff = min(entry.backoff * policy.backoff_factor, policy.max_interval)
+        entry.next_at = now + min(max(delay, policy.min_interval), policy.max_interval)
+        return Outcome(warmed=warmed)
+
+    def _eta_delay(self, entry: Entry, eta: float, now: float) -> float:
+        """When to poll after an answer with ``eta`` seconds left.
+
+        A server whose etas are whole seconds (five in a row, never a fraction)
+        rounds up: the task ends within the last second, ``(eta - 1, eta]``.
+        Polling at the end of that second costs one poll and up to a second of
+        latency; the first time, it is split: a poll at its middle, then (if
+        needed) one at its end. Exact etas are polled at ``eta + eta_margin``.
+        """
+        margin = self.policy.eta_margin
+        if eta != int(eta):
+            self._whole_etas = -1  # a fraction: this server's etas are exact
+        elif self._whole_etas >= 0:
+            self._whole_etas += 1
+        if self._whole_etas < _WHOLE_ETAS:
+            return eta + margin
+        bound = now + eta
+        if entry.finish_by is not None and now < entry.finish_by < bound:
+            bound = entry.finish_by
+        entry.finish_by = bound
+        if entry.split or bound - now <= 0.6 or bound - now > self.policy.max_interval + 0.5:
+            return bound - now + margin
+        entry.split = True
+        return bound - 0.5 - now
+
+    def _learned_delay(self, entry: Entry, now: float) -> float | None:
+        if entry.submitted_at is None:
+            return None
+        offset = self.learner.next_poll(now - entry.submitted_at, entry.cost)
+        if offset is None:
+            return None
+        delay = entry.submitted_at + offset - now
+        budget = self.policy.latency_budget
+        return delay if budget is None else min(delay, budget)
+
+    def failed(self, entry: Entry, exc: Exception) -> Outcome:
+        now = anyio.current_time()
+        policy, stats = self.policy, self.stats
+        if isinstance(exc, NotFoundError) and exc.reason == "TASK_NOT_FOUND":
+            since = entry.submitted_at if entry.submitted_at is not None else entry.created_at
+            if now - since < policy.not_found_grace:
+                stats.not_found_retries += 1
+                entry.next_at = now + self._error_delay(entry)
+                return Outcome()
+        elif isinstance(exc, ServerError) and exc.reason == "TASK_FAILED":
+            reason = exc.message or exc.reason
+            task = Task(task_id=entry.task_id, status=TaskStatus.FAILED, reason=reason)
+            return Outcome(result=TaskResult(task=task))
+        elif isinstance(exc, _TRANSIENT):
+            if isinstance(exc, MalformedResponseError) and self._malformed_again(entry, exc):
+                return Outcome(error=exc)
+            delay = self._error_delay(entry)
+            stats.transient_errors += 1
+            if isinstance(exc, RateLimitError):  # account-wide: pause every poll
+                pause = exc.retry_after if exc.retry_after is not None else delay
+                pause = min(pause, policy.max_pause)
+                self.paused_until = max(self.paused_until, now + pause)
+                stats.rate_limit_pauses += 1
+                delay = max(delay, pause)
+            logger.warning(
+                "polling task %s failed (%s: %s); next poll in %.2fs",
+                entry.task_id,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+            entry.next_at = now + delay
+            return Outcome()
+        return Outcome(error=exc)
+
+    def _malformed_again(self, entry: Entry, exc: MalformedResponseError) -> bool:
+        """Count identical malformed answers in a row; True once there are too many."""
+        count, body = entry.malformed
+        count = count + 1 if body == exc.body else 1
+        entry.malformed = (count, exc.body)
+        return count >= self.policy.max_malformed
+
+    def _error_delay(self, entry: Entry) -> float:
+        policy = self.policy
+        entry.errors += 1
+        delay = policy.backoff_initial * policy.backoff_factor ** min(entry.errors - 1, 64)
+        return min(max(delay, policy.min_interval), policy.max_interval)
+
+    def _sample(self, entry: Entry, seconds: float) -> bool:
+        """Learn one duration; True when that made the learner warm."""
+        entry.sampled = True
+        learner, stats = self.learner, self.stats
+        warmed = learner.add(seconds, entry.cost)
+        stats.duration_samples = len(learner.raw)
+        stats.duration_p50 = learner.raw.quantile(0.5) if len(learner.raw) else None
+        if len(learner.per_cost):
+            stats.seconds_per_cost_p50 = learner.per_cost.quantile(0.5)
+        return warmed
+
+    def delivered(self, entry: Entry, arrived: float) -> None:
+        """A webhook delivery confirmed ``entry``'s end: learn how long deliveries take."""
+        if entry.webhook and entry.submitted_at is not None:
+            self.deliveries.add(arrived - entry.submitted_at, entry.cost)
+
+    def settle_probe(self, entry: Entry) -> None:
+        if entry.plan == "probe":
+            entry.plan = "probed"
+            self.learner.probes_out -= 1
