@@ -18,9 +18,6 @@ from ._errors import (
     PermissionDeniedError,
     RateLimitError,
     ServerError,
-    SubmissionUncertainError,
-    TaskFailedError,
-    TaskTimeoutError,
     WebhookVerificationError,
 )
 from ._journal import Journal, JournalError, JournalMismatchError, JournalRecord, request_key
@@ -54,6 +51,7 @@ from ._models import (
 )
 from ._poller import PollPolicy, PollStats
 from ._ratelimit import WeightedRateLimiter
+from ._task_errors import SubmissionUncertainError, TaskFailedError, TaskTimeoutError
 from ._transport import RetryPolicy
 from ._version import __version__
 from ._webhooks import WebhookVerifier, parse_webhook

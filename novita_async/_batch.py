@@ -57,15 +57,13 @@ from ._errors import (
     InvalidRequestError,
     NovitaError,
     PermissionDeniedError,
-    SubmissionUncertainError,
-    TaskFailedError,
-    TaskTimeoutError,
 )
 from ._journal import AsyncJournal, Journal, as_async_journal, replay, request_key
 from ._models import TASK_REQUESTS, Extra, Task, TaskResult, TaskStatus, Txt2ImgRequest
 from ._models import check_submission as _check
 from ._poller import PollHint
 from ._ratelimit import WeightedRateLimiter
+from ._task_errors import SubmissionUncertainError, TaskFailedError, TaskTimeoutError
 
 if TYPE_CHECKING:
     from ._poller import PollScheduler

@@ -7,10 +7,7 @@ No exception message, attribute or repr ever contains the API key.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._models import Extra, TaskResult, Txt2ImgRequest
+from typing import Any
 
 __all__ = [
     "APIConnectionError",
@@ -28,9 +25,6 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "ServerError",
-    "SubmissionUncertainError",
-    "TaskFailedError",
-    "TaskTimeoutError",
     "WebhookVerificationError",
 ]
 
@@ -139,49 +133,6 @@ class RateLimitError(APIStatusError):
 
 class ServerError(APIStatusError):
     """HTTP 5xx."""
-
-
-class SubmissionUncertainError(NovitaError):
-    """A txt2img POST may or may not have created a (paid) task.
-
-    Raised instead of retrying when the body reached Novita but no usable answer
-    came back (read timeout, reset, 500/502/504). Resubmitting may pay twice;
-    ``request`` and ``extra`` are kept so the caller can decide.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        request: Txt2ImgRequest,
-        extra: Extra | None = None,
-        cause: BaseException | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.request = request
-        self.extra = extra
-        self.cause = cause
-
-
-class TaskFailedError(NovitaError):
-    """The task finished with ``TASK_STATUS_FAILED``."""
-
-    def __init__(self, task_id: str, reason: str, result: TaskResult) -> None:
-        super().__init__(f"task {task_id} failed: {reason or '<no reason given>'}")
-        self.task_id = task_id
-        self.reason = reason
-        self.result = result
-
-
-class TaskTimeoutError(NovitaError, TimeoutError):
-    """The caller's deadline passed before the task finished; polling stopped."""
-
-    def __init__(self, task_id: str, last_result: TaskResult | None, timeout: float) -> None:
-        status = last_result.task.status.name if last_result is not None else "never seen"
-        super().__init__(f"task {task_id} not finished after {timeout:g}s (last status: {status})")
-        self.task_id = task_id
-        self.last_result = last_result
-        self.timeout = timeout
 
 
 class DownloadError(NovitaError):

@@ -30,9 +30,10 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import InvalidRequestError, NovitaError, TaskFailedError, TaskTimeoutError
+from ._errors import InvalidRequestError, NovitaError
 from ._models import TaskResult, TaskStatus
 from ._plan import Entry, Outcome, Planner, PollHint, PollPolicy, PollStats
+from ._task_errors import TaskFailedError, TaskTimeoutError
 
 __all__ = ["PollHint", "PollPolicy", "PollScheduler", "PollStats"]
 

@@ -32,9 +32,9 @@ from ._errors import (
     InvalidRequestError,
     NovitaError,
     RateLimitError,
-    SubmissionUncertainError,
 )
 from ._models import Extra, Txt2ImgRequest, Webhook, check_submission
+from ._task_errors import SubmissionUncertainError
 from ._transport import Decision, Transport, Uncertain
 
 if TYPE_CHECKING:

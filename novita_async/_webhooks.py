@@ -28,7 +28,6 @@ from ._errors import MalformedResponseError, NotFoundError, WebhookVerificationE
 from ._models import TaskResult, WebhookEvent
 
 if TYPE_CHECKING:
-    from ._client import AsyncNovita
     from ._poller import PollScheduler
 
 __all__ = [
@@ -41,6 +40,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger("novita_async")
+
+
+class _TaskResults(Protocol):
+    """What :class:`WebhookVerifier` needs of its client (an ``AsyncNovita``)."""
+
+    async def get_task_result(self, task_id: str) -> TaskResult: ...
 
 #: The only event type Novita documents; every other one is to be ignored.
 ASYNC_TASK_RESULT = "ASYNC_TASK_RESULT"
@@ -97,7 +102,7 @@ class WebhookVerifier:
     """
 
     def __init__(
-        self, client: AsyncNovita, *, ttl: float = 24 * 3600.0, max_entries: int = 100_000
+        self, client: _TaskResults, *, ttl: float = 24 * 3600.0, max_entries: int = 100_000
     ) -> None:
         if ttl <= 0 or max_entries < 1:
             raise ValueError("ttl must be > 0 and max_entries >= 1")
