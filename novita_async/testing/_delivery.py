@@ -20,9 +20,9 @@ import math
 import random
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import anyio
 import anyio.abc
@@ -33,10 +33,9 @@ from .._models import TaskStatus
 from ._wire import IMAGE_BASE_URL
 
 if TYPE_CHECKING:
-    from ._emulator import NovitaEmulator
     from ._tasks import EmulatedTask
 
-__all__ = ["Deliver", "WebhookSender", "WebhookStats"]
+__all__ = ["Deliver", "WebhookSender", "WebhookSource", "WebhookStats"]
 
 #: ``async deliver(url, body) -> HTTP status``: how a delivery reaches the receiver.
 Deliver: TypeAlias = Callable[[str, bytes], Awaitable[int]]
@@ -67,6 +66,35 @@ class WebhookStats:
     per_task: Counter[str] = attrs.Factory(Counter)
 
 
+class WebhookSource(Protocol):
+    """What a :class:`WebhookSender` needs from its emulator (a ``NovitaEmulator``).
+
+    The sender depends on this, not on the emulator's class, so imports point
+    one way: the emulator imports the sender, never the reverse.
+    """
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    @property
+    def tasks(self) -> Mapping[str, EmulatedTask]: ...
+
+    @property
+    def webhook_stats(self) -> WebhookStats: ...
+
+    # Called with each new task; a running sender adds its ``_schedule`` here.
+    @property
+    def _on_create(self) -> list[Callable[[EmulatedTask], None]]: ...
+
+    # The running senders, newest last (``post_forgery`` uses the last).
+    @property
+    def _senders(self) -> list[WebhookSender]: ...
+
+    def result_json(self, task_id: str, *, image_base_url: str = ...) -> dict[str, Any]: ...
+
+    def webhook_event(self, task_id: str, *, image_base_url: str = ...) -> dict[str, Any]: ...
+
+
 @attrs.define(order=True)
 class _Due:
     due: float
@@ -84,7 +112,7 @@ class WebhookSender:
 
     def __init__(
         self,
-        emulator: NovitaEmulator,
+        emulator: WebhookSource,
         *,
         deliver: Deliver | None = None,
         delay: float | tuple[float, float] = (0.05, 0.2),

@@ -32,6 +32,7 @@ from ._delivery import Deliver, WebhookSender, WebhookStats
 from ._faults import Fault, Faults, fault_reply
 from ._images import IMAGE_TYPES, ImageHost
 from ._quota import Quota
+from ._server import EmulatorServer
 from ._tasks import (
     DurationSpec,
     EmulatedTask,
@@ -63,7 +64,6 @@ from ._wire import (
 
 if TYPE_CHECKING:
     from .._client import AsyncNovita
-    from ._server import EmulatorServer
 
 __all__ = [
     "API_BASE_URL",
@@ -310,8 +310,6 @@ class NovitaEmulator:
         delivers webhooks over HTTP while the server runs (``server.webhooks``).
         See :class:`~novita_async.testing.EmulatorServer`.
         """
-        from ._server import EmulatorServer
-
         return EmulatorServer(self, host=host, port=port, image_port=image_port, webhooks=webhooks)
 
     def webhooks(

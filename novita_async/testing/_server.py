@@ -14,7 +14,7 @@ import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -25,9 +25,8 @@ from ._wire import Call, EmulatedReset, Reply, parse_query
 if TYPE_CHECKING:
     from .._client import AsyncNovita
     from ._delivery import WebhookSender
-    from ._emulator import NovitaEmulator
 
-__all__ = ["EmulatorServer"]
+__all__ = ["EmulatorServer", "ServedEmulator"]
 
 logger = logging.getLogger("novita_async.testing")
 
@@ -42,6 +41,21 @@ class _BadRequest(Exception):
         self.status = status
 
 
+class ServedEmulator(Protocol):
+    """What an :class:`EmulatorServer` needs from the emulator it serves (a ``NovitaEmulator``).
+
+    The server depends on this, not on the emulator's class, so imports point
+    one way: the emulator imports the server, never the reverse.
+    """
+
+    @property
+    def api_key(self) -> str: ...
+
+    def webhooks(self, *args: Any, **kwargs: Any) -> WebhookSender: ...
+
+    async def _dispatch(self, call: Call, *, image: bool, image_base_url: str = ...) -> Reply: ...
+
+
 class EmulatorServer:
     """The emulator on real sockets; use as ``async with emu.serve() as server``.
 
@@ -54,7 +68,7 @@ class EmulatorServer:
 
     def __init__(
         self,
-        emulator: NovitaEmulator,
+        emulator: ServedEmulator,
         *,
         host: str,
         port: int,

@@ -1,7 +1,7 @@
 """Wire types of the emulator: one request in, one reply out, and Novita's body shapes.
 
-Shared by the emulator (:mod:`._emulator`) and the loopback server
-(:mod:`._server`); it imports neither, so neither imports the other at run time.
+Shared by the emulator (:mod:`._emulator`), the loopback server (:mod:`._server`)
+and the rest of the package; it imports none of them.
 """
 
 from __future__ import annotations
