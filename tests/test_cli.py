@@ -493,13 +493,13 @@ async def test_raw_download_errors_are_reported_per_prompt_not_as_a_crash(
 
 
 def test_library_warnings_get_their_own_line_and_the_abandoned_warning_is_dropped() -> None:
-    from novita_async._cli import _library_warnings_to
+    from novita_async._cli_progress import library_warnings_to
 
     stream = FakeTTY()
     progress = Progress(4, stream)
     progress.draw(force=True)
     logger = logging.getLogger("novita_async")
-    with _library_warnings_to(progress):
+    with library_warnings_to(progress):
         logger.warning("retrying after %s", "a 503")
         logger.warning("txt2img_many stopped with %d submitted task(s) ...", 3)
     text = stream.getvalue()
