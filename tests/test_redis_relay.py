@@ -3,13 +3,17 @@ only them), under load, through a bad ``deliver``, across a Redis restart."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import anyio
 import anyio.lowlevel
 import pytest
+import redis.asyncio as aioredis
 import trio
 from _redis_server import RedisServer
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 
 from novita_async.redis import RedisUnavailableError, RedisWebhookRelay
 
@@ -122,11 +126,44 @@ async def test_the_relay_reconnects_after_a_redis_restart(
         restartable_redis.start()
         with anyio.fail_after(15):
             # Published until the receiver is subscribed again (pub/sub keeps nothing).
-            while not await sender.publish("after", b"{}"):  # noqa: ASYNC110
+            while not await sender.publish("after", b"{}"):
                 await anyio.sleep(0.05)
             await inbox.arrived.wait()
         tg.cancel_scope.cancel()
     assert inbox.got[0] == ("after", b"{}")
+
+
+@pytest.mark.anyio
+async def test_the_relay_reconnects_on_its_own_schedule_whatever_the_clients_retries(
+    restartable_redis: RedisServer, redis_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client whose own retry policy waits a minute between connection attempts: the
+    # relay's subscription must not reconnect through it (nor re-subscribe behind the
+    # relay's back), but notice the outage at once and reconnect on the relay's backoff.
+    caplog.set_level(logging.WARNING, logger="novita_async.redis")
+    url = restartable_redis.url
+    slow = aioredis.Redis.from_url(url, retry=Retry(ConstantBackoff(60), 5))
+    inbox = Inbox()
+    inbox.expected = 1
+    async with (
+        RedisWebhookRelay(url, redis_key) as sender,
+        RedisWebhookRelay(slow, redis_key) as receiver,
+        anyio.create_task_group() as tg,
+    ):
+        await tg.start(receiver.serve, inbox)
+        restartable_redis.stop()
+        with anyio.fail_after(15):  # Redis stays down until the relay has noticed
+            while not any("Redis unreachable" in r.getMessage() for r in caplog.records):
+                await anyio.sleep(0.05)
+        restartable_redis.start()
+        with anyio.fail_after(15):
+            while not await sender.publish("after", b"{}"):
+                await anyio.sleep(0.05)
+            await inbox.arrived.wait()
+        tg.cancel_scope.cancel()
+    assert inbox.got[0] == ("after", b"{}")
+    assert await slow.publish(redis_key, b"the client still works") == 0
+    await slow.aclose()
 
 
 def test_trio_is_refused_clearly(redis_url: str) -> None:

@@ -12,6 +12,13 @@ delivery.
 Pub/sub is fire-and-forget: a replica that is not subscribed at that moment (starting,
 reconnecting after a Redis restart) misses the message. The client's safety-net poll
 still ends every task, just later.
+
+Reconnection is the relay's own: :meth:`~RedisWebhookRelay.serve` keeps one redis-py
+``PubSub`` for its whole life, so the only subscription it ever holds is the one it reads,
+and it switches the retries of that pub/sub connection off while it holds it (restoring
+them when it hands the connection back to the pool): after an outage each attempt is one
+connect, then the relay's backoff (0.1 s doubling to 2 s), whatever the client's own
+retry policy.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ._common import UNAVAILABLE, RedisConnection, RedisLike, require_asyncio, text
 from ._ratelimit import RedisUnavailableError
@@ -34,6 +43,8 @@ logger = logging.getLogger("novita_async.redis")
 
 _MAGIC = b"nvr1"
 _MAX_TASK_ID = 256
+_FIRST_DELAY = 0.1
+_MAX_DELAY = 2.0
 
 Deliver = Callable[[str, bytes], Awaitable[Any]]
 
@@ -119,41 +130,55 @@ class RedisWebhookRelay:
         """
         require_asyncio("RedisWebhookRelay")
         gate = anyio.Semaphore(self.max_concurrency)
-        delay = 0.1
-        async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    await self._listen(deliver, gate, tg, task_status)
-                except UNAVAILABLE as exc:
-                    logger.warning("webhook relay: Redis unreachable (%s), reconnecting", exc)
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                else:  # pragma: no cover - listen() only returns on a closed connection
-                    delay = 0.1
-                task_status = anyio.TASK_STATUS_IGNORED
-
-    async def _listen(
-        self, deliver: Deliver, gate: anyio.Semaphore, tg: Any, task_status: TaskStatus[None]
-    ) -> None:
+        # One PubSub for the relay's life. redis-py 8 reconnects a failed pub/sub read
+        # inside the library and re-subscribes, then raises the error all the same; a relay
+        # that dropped that PubSub for a new one left a subscription on the restarted
+        # server that nobody read (a publish counted a listener that never got it). Here a
+        # subscription redis-py restores is this one, which the loop below reads again.
         pubsub = self._redis.client.pubsub()
+        own_retry: Any = None
         try:
-            await pubsub.subscribe(self.channel)
-            async for message in pubsub.listen():
-                kind = text(message.get("type", ""))
-                if kind == "subscribe":
-                    task_status.started()
-                    continue
-                if kind != "message":
-                    continue
-                parsed = self._parse(message.get("data"))
-                if parsed is None:
-                    continue
-                self.received += 1
-                await gate.acquire()
-                tg.start_soon(self._deliver, deliver, *parsed, gate)
+            async with anyio.create_task_group() as tg:
+                delay = _FIRST_DELAY
+                while True:
+                    try:
+                        if pubsub.connection is None:
+                            await pubsub.connect()  # type: ignore[no-untyped-call]
+                            connection: Any = pubsub.connection
+                            own_retry, connection.retry = connection.retry, Retry(NoBackoff(), 0)
+                        if not pubsub.subscribed:
+                            await pubsub.subscribe(self.channel)
+                        while True:
+                            message = await pubsub.get_message(timeout=None)
+                            if message is None:
+                                continue
+                            if text(message.get("type", "")) == "subscribe":
+                                delay = _FIRST_DELAY
+                                task_status.started()
+                                task_status = anyio.TASK_STATUS_IGNORED
+                            else:
+                                await self._hand_over(message, deliver, gate, tg)
+                    except UNAVAILABLE as exc:
+                        logger.warning("webhook relay: Redis unreachable (%s), reconnecting", exc)
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, _MAX_DELAY)
         finally:
             with anyio.CancelScope(shield=True):
+                if own_retry is not None and pubsub.connection is not None:
+                    pubsub.connection.retry = own_retry  # back to the pool as it came
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _hand_over(
+        self, message: dict[str, Any], deliver: Deliver, gate: anyio.Semaphore, tg: Any
+    ) -> None:
+        if text(message.get("type", "")) != "message":
+            return
+        parsed = self._parse(message.get("data"))
+        if parsed is None:
+            return
+        self.received += 1
+        await gate.acquire()
+        tg.start_soon(self._deliver, deliver, *parsed, gate)
 
     def _parse(self, data: Any) -> tuple[str, bytes] | None:
         if isinstance(data, str):
