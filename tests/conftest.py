@@ -1,5 +1,9 @@
-"""Shared fixtures. Async tests use ``@pytest.mark.anyio`` (asyncio and trio) or
-``@pytest.mark.asyncio`` (pytest-asyncio, asyncio only)."""
+"""Shared fixtures. Shared data and plain helpers (the spec's example bodies, API
+constants, mocked answers) live in tests/_support.py.
+
+Async tests use ``@pytest.mark.anyio`` and run on asyncio and trio (the ``anyio_backend``
+fixture below); the few that test asyncio-only behaviour use ``@pytest.mark.asyncio``
+(pytest-asyncio) and say why."""
 
 from __future__ import annotations
 
@@ -8,12 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import respx
 from _redis_server import RedisServer
+from _support import API
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def api() -> Iterator[respx.MockRouter]:
+    """Novita's API host (``_support.API``) mocked by respx. respx patches httpx's own
+    transport: clients under test pass ``transport=httpx.AsyncHTTPTransport()``."""
+    with respx.mock(base_url=API, assert_all_called=False) as router:
+        yield router
 
 
 # --------------------------------------------------------------------------- Redis

@@ -16,6 +16,7 @@ import anyio
 import httpx
 import pytest
 import trio
+from _support import req
 from trio.testing import MockClock
 
 from novita_async import (
@@ -52,10 +53,6 @@ FAST_POLLS = PollPolicy(
     probe_delay=0.02,
     latency_budget=0.05,
 )
-
-
-def req(prompt: str, **kwargs: Any) -> Txt2ImgRequest:
-    return Txt2ImgRequest(model_name="emulated.safetensors", prompt=prompt, **kwargs)
 
 
 def reqs(n: int, prefix: str = "prompt") -> list[Txt2ImgRequest]:

@@ -15,7 +15,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -24,6 +24,20 @@ import anyio.lowlevel
 import httpx
 import pytest
 import respx
+from _support import (
+    API,
+    KEY,
+    RESULT,
+    SPEC_REQUEST_BODY,
+    SPEC_RESULT_BODY,
+    SUBMIT,
+    error,
+    ok_result,
+    ok_submit,
+)
+from _support import SPEC_EXTRA as EXTRA
+from _support import SPEC_REQUEST as REQUEST
+from _support import SPEC_TASK_ID as TASK_ID
 
 from novita_async import (
     APIConnectionError,
@@ -52,91 +66,7 @@ from novita_async import (
 from novita_async._transport import RATE_LIMIT_ATTEMPTS
 from novita_async._version import __version__
 
-KEY = "sk_live_9f8e7d6c5b4a3210fedcba98"
-API = "https://api.novita.ai"
-SUBMIT = "/v3/async/txt2img"
-RESULT = "/v3/async/task-result"
-TASK_ID = "f10333f2-2dd7-4f56-a177-e3c02a774d9a"
-
-REQUEST = Txt2ImgRequest(
-    prompt="a cute dog",
-    model_name="sd_xl_base_1.0.safetensors",
-    negative_prompt="nsfw, bottle,bad face",
-    width=1024,
-    height=1024,
-    image_num=2,
-    steps=20,
-    seed=-1,
-    clip_skip=1,
-    sampler_name="Euler a",
-    guidance_scale=7.5,
-)
-EXTRA = Extra(response_image_type="jpeg")
-# Spec example 1's request body and task-result body, verbatim.
-REQUEST_BODY = {
-    "extra": {"response_image_type": "jpeg"},
-    "request": {
-        "prompt": "a cute dog",
-        "model_name": "sd_xl_base_1.0.safetensors",
-        "negative_prompt": "nsfw, bottle,bad face",
-        "width": 1024,
-        "height": 1024,
-        "image_num": 2,
-        "steps": 20,
-        "seed": -1,
-        "clip_skip": 1,
-        "sampler_name": "Euler a",
-        "guidance_scale": 7.5,
-    },
-}
-RESULT_BODY: dict[str, Any] = json.loads(
-    r"""{
-	"extra": {
-		"seed": "392212448",
-		"enable_nsfw_detection": false,
-		"debug_info": {
-			"request_info": "{\"model\":\"sd_xl_base_1.0.safetensors\",\"prompts\":[\"a cute dog\"],\"negative_prompts\":[\"nsfw, bottle,bad face\"],\"seeds\":[392212448],\"height\":384,\"width\":512,\"guidance_scale\":7.5,\"num_images_per_prompt\":2,\"num_inference_steps\":20,\"sampler_name\":\"Euler a\",\"clip_skip\":1}",
-			"submit_time_ms": "1715052533293",
-			"execute_time_ms": "1715052533362",
-			"complete_time_ms": "1715052537148"
-		}
-	},
-	"task": {
-		"task_id": "f10333f2-2dd7-4f56-a177-e3c02a774d9a",
-		"task_type": "TXT_TO_IMG",
-		"status": "TASK_STATUS_SUCCEED",
-		"reason": "",
-		"eta": 0,
-		"progress_percent": 0
-	},
-	"images": [{
-		"image_url": "https://faas-output-image.s3.ap-southeast-1.amazonaws.com/prod/f10333f2-2dd7-4f56-a177-e3c02a774d9a/80443e6739584fcb82bc2cf4f3b557fb.jpeg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600",
-		"image_url_ttl": "3600",
-		"image_type": "jpeg",
-		"nsfw_detection_result": null
-	}, {
-		"image_url": "https://faas-output-image.s3.ap-southeast-1.amazonaws.com/prod/f10333f2-2dd7-4f56-a177-e3c02a774d9a/9b16e333242244e58a4d03c4bfb1bca5.jpeg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600",
-		"image_url_ttl": "3600",
-		"image_type": "jpeg",
-		"nsfw_detection_result": null
-	}],
-	"videos": [],
-	"audios": []
-}"""  # noqa: E501
-)
-
-
-def ok_result() -> httpx.Response:
-    return httpx.Response(200, json=RESULT_BODY)
-
-
-def ok_submit() -> httpx.Response:
-    return httpx.Response(200, json={"task_id": TASK_ID})
-
-
-def error(status: int, reason: str = "", message: str = "", **headers: str) -> httpx.Response:
-    body = {"code": status, "reason": reason, "message": message, "metadata": {}}
-    return httpx.Response(status, json=body, headers=headers)
+pytestmark = pytest.mark.anyio
 
 
 def make_client(max_retries: int = 3, **kwargs: Any) -> tuple[AsyncNovita, list[float]]:
@@ -155,12 +85,6 @@ def make_client(max_retries: int = 3, **kwargs: Any) -> tuple[AsyncNovita, list[
 
     client._transport.sleep = record
     return client, sleeps
-
-
-@pytest.fixture
-def api() -> Iterator[respx.MockRouter]:
-    with respx.mock(base_url=API, assert_all_called=False) as router:
-        yield router
 
 
 def assert_no_key(*texts: object) -> None:
@@ -182,7 +106,6 @@ def error_chain(exc: BaseException) -> list[BaseException]:
 # --------------------------------------------------------------------------- happy paths
 
 
-@pytest.mark.asyncio
 async def test_submit_sends_exact_body_and_signed_headers(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(return_value=ok_submit())
     client, _ = make_client()
@@ -192,13 +115,12 @@ async def test_submit_sends_exact_body_and_signed_headers(api: respx.MockRouter)
     sent = route.calls.last.request
     assert sent.method == "POST"
     assert sent.url == httpx.URL(API + SUBMIT)
-    assert json.loads(sent.content) == REQUEST_BODY
+    assert json.loads(sent.content) == SPEC_REQUEST_BODY
     assert sent.headers["Authorization"] == f"Bearer {KEY}"
     assert sent.headers["Content-Type"] == "application/json"
     assert f"novita-async/{__version__}" in sent.headers["User-Agent"]
 
 
-@pytest.mark.asyncio
 async def test_submit_without_extra_sends_no_extra_key(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(return_value=ok_submit())
     client, _ = make_client()
@@ -207,24 +129,23 @@ async def test_submit_without_extra_sends_no_extra_key(api: respx.MockRouter) ->
     assert set(json.loads(route.calls.last.request.content)) == {"request"}
 
 
-@pytest.mark.asyncio
-async def test_submit_accepts_the_v2_envelope_shape(api: respx.MockRouter) -> None:
-    api.post(SUBMIT).mock(
-        return_value=httpx.Response(
-            200,
-            json={
-                "code": 0,
-                "msg": "",
-                "data": {"task_id": "0fe0f291-05c9-41a4-83bb-3365d4b54f8b"},
-            },
-        )
-    )
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"task_id": "0fe0f291-05c9-41a4-83bb-3365d4b54f8b"},
+        {"code": 0, "msg": "", "data": {"task_id": "0fe0f291-05c9-41a4-83bb-3365d4b54f8b"}},
+        {"code": 200, "data": {"task_id": "0fe0f291-05c9-41a4-83bb-3365d4b54f8b"}},
+    ],
+)
+async def test_submit_accepts_the_plain_and_v2_envelope_shapes(
+    api: respx.MockRouter, body: dict[str, Any]
+) -> None:
+    api.post(SUBMIT).mock(return_value=httpx.Response(200, json=body))
     client, _ = make_client()
     async with client:
         assert await client.submit_txt2img(REQUEST) == "0fe0f291-05c9-41a4-83bb-3365d4b54f8b"
 
 
-@pytest.mark.asyncio
 async def test_get_task_result_parses_the_spec_body(api: respx.MockRouter) -> None:
     route = api.get(RESULT).mock(return_value=ok_result())
     client, _ = make_client()
@@ -237,10 +158,10 @@ async def test_get_task_result_parses_the_spec_body(api: respx.MockRouter) -> No
     sent = route.calls.last.request
     assert sent.url.params["task_id"] == TASK_ID
     assert sent.headers["Authorization"] == f"Bearer {KEY}"
+    assert sent.headers["Content-Type"] == "application/json"  # "required" even on GET
     assert f"novita-async/{__version__}" in sent.headers["User-Agent"]
 
 
-@pytest.mark.asyncio
 async def test_custom_base_url_is_used(api: respx.MockRouter) -> None:
     with respx.mock(base_url="http://127.0.0.1:9999/proxy") as local:
         route = local.post(SUBMIT).mock(return_value=ok_submit())
@@ -248,12 +169,18 @@ async def test_custom_base_url_is_used(api: respx.MockRouter) -> None:
         async with client:
             assert await client.submit_txt2img(REQUEST) == TASK_ID
         assert route.calls.last.request.url.path == "/proxy/v3/async/txt2img"
+        assert route.calls.last.request.headers["Authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("base_url", ["api.novita.ai", "ftp://api.novita.ai", "/v3"])
+def test_base_url_must_be_absolute_http(base_url: str) -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        AsyncNovita(api_key=KEY, base_url=base_url)
 
 
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("request_", "extra"),
     [
@@ -278,7 +205,6 @@ async def test_invalid_submissions_raise_before_any_network_call(
     assert route.call_count == 0
 
 
-@pytest.mark.asyncio
 async def test_model_validation_happens_before_the_client_is_involved(
     api: respx.MockRouter,
 ) -> None:
@@ -298,7 +224,6 @@ async def test_model_validation_happens_before_the_client_is_involved(
     assert route.call_count == 0
 
 
-@pytest.mark.asyncio
 async def test_transparent_background_with_png_is_sent(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(return_value=ok_submit())
     client, _ = make_client()
@@ -311,7 +236,6 @@ async def test_transparent_background_with_png_is_sent(api: respx.MockRouter) ->
     assert body["request"]["enable_transparent_background"] is True
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("task_id", ["", None, 42])
 async def test_bad_task_id_raises_before_any_network_call(
     api: respx.MockRouter, task_id: Any
@@ -340,7 +264,6 @@ NON_RETRIED = [
 ]
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(("status", "reason", "cls"), NON_RETRIED)
 async def test_submit_error_mapping_is_not_retried(
     api: respx.MockRouter, status: int, reason: str, cls: type[APIStatusError]
@@ -368,35 +291,50 @@ async def test_submit_error_mapping_is_not_retried(
     assert sleeps == []
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("status", "reason", "cls"),
     [
         *NON_RETRIED,
+        (401, "", AuthenticationError),
+        (403, "NOT_ENOUGH_BALANCE", InsufficientBalanceError),
+        (403, "API_NOT_ALLOWED", PermissionDeniedError),
+        (403, "BILLING_AUTH_FAILED", PermissionDeniedError),
+        (409, "CONFLICT", APIStatusError),  # undocumented: the base class
         (429, "RATE_LIMIT_EXCEEDED", RateLimitError),
         (500, "GET_RESULT_FAILED", ServerError),
+        (500, "TASK_FAILED", ServerError),
         (502, "", ServerError),
-        (503, "", ServerError),
+        (503, "SERVICE_NOT_AVAILABLE", ServerError),
         (504, "", ServerError),
     ],
 )
 async def test_get_error_mapping(
     api: respx.MockRouter, status: int, reason: str, cls: type[APIStatusError]
 ) -> None:
-    route = api.get(RESULT).mock(return_value=error(status, reason, "details"))
+    body = {"code": status, "reason": reason, "message": "details", "metadata": {"k": "v"}}
+    route = api.get(RESULT).mock(return_value=httpx.Response(status, json=body))
     client, _ = make_client(max_retries=0)
     async with client:
         with pytest.raises(APIStatusError) as caught:
             await client.get_task_result(TASK_ID)
-    assert type(caught.value) is cls
-    assert caught.value.status_code == status
-    assert caught.value.reason == reason
-    assert caught.value.message == "details"
-    assert caught.value.path == RESULT
+    err = caught.value
+    assert type(err) is cls
+    assert isinstance(err, NovitaError)
+    assert (err.status_code, err.reason, err.message, err.metadata) == (
+        status,
+        reason,
+        "details",
+        {"k": "v"},
+    )
+    assert json.loads(err.body) == body
+    assert err.code == status
+    assert (err.method, err.path) == ("GET", RESULT)
+    assert err.envelope is False
+    assert f"HTTP {status}" in str(err)
+    assert "details" in str(err)
     assert route.call_count == 1
 
 
-@pytest.mark.asyncio
 async def test_envelope_error_on_2xx_submit_is_raised_not_retried(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(
         return_value=httpx.Response(200, json={"code": 6, "msg": "steps out of range"})
@@ -411,7 +349,6 @@ async def test_envelope_error_on_2xx_submit_is_raised_not_retried(api: respx.Moc
     assert sleeps == []
 
 
-@pytest.mark.asyncio
 async def test_envelope_server_error_on_submit_is_uncertain(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(
         return_value=httpx.Response(200, json={"code": -1, "msg": "internal"})
@@ -424,16 +361,62 @@ async def test_envelope_server_error_on_submit_is_uncertain(api: respx.MockRoute
     assert route.call_count == 1
 
 
-@pytest.mark.asyncio
-async def test_envelope_error_on_2xx_get_maps_to_not_found(api: respx.MockRouter) -> None:
-    route = api.get(RESULT).mock(
-        return_value=httpx.Response(200, json={"code": 3, "msg": "task not exist"})
-    )
-    client, _ = make_client()
+@pytest.mark.parametrize(
+    ("body", "cls", "status", "reason"),
+    [
+        ({"code": 6, "msg": "steps out of range"}, BadRequestError, 400, "PARAM_RANGE_ERROR"),
+        ({"code": 4, "msg": "bad key"}, AuthenticationError, 401, "INVALID_AUTH"),
+        ({"code": 7, "msg": "no money"}, InsufficientBalanceError, 400, "COST_BALANCE_ERROR"),
+        ({"code": 3, "msg": "no such task"}, NotFoundError, 404, "TASK_ID_NOT_EXISTS"),
+        ({"code": -1, "msg": "internal"}, ServerError, 500, "INTERNAL_ERROR"),
+        ({"code": 5}, ServerError, 503, "HOST_UNAVAILABLE"),
+        ({"code": 9}, ServerError, 504, "TIMEOUT"),
+        (
+            {"code": 429, "reason": "RATE_LIMIT_EXCEEDED"},
+            RateLimitError,
+            429,
+            "RATE_LIMIT_EXCEEDED",
+        ),
+        (
+            {"code": 403, "reason": "INVALID_API_KEY", "message": "x"},
+            AuthenticationError,
+            403,
+            "INVALID_API_KEY",
+        ),
+        ({"code": 12345}, ServerError, 500, "ENVELOPE_CODE_12345"),
+    ],
+)
+async def test_envelope_error_on_a_2xx_get_is_mapped(
+    api: respx.MockRouter,
+    body: dict[str, Any],
+    cls: type[APIStatusError],
+    status: int,
+    reason: str,
+) -> None:
+    route = api.get(RESULT).mock(return_value=httpx.Response(200, json=body))
+    client, _ = make_client(max_retries=0)
     async with client:
-        with pytest.raises(NotFoundError):
+        with pytest.raises(APIStatusError) as caught:
             await client.get_task_result(TASK_ID)
+    err = caught.value
+    assert type(err) is cls
+    assert (err.status_code, err.reason, err.code) == (status, reason, body["code"])
+    assert err.envelope is True
+    assert "envelope" in str(err)
     assert route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"<html>", b"{'single': 'quotes'}", b"\xff\xfe", b"{", b"[1, 2]"]
+)
+async def test_a_2xx_get_answer_that_is_no_task_result_is_malformed(
+    api: respx.MockRouter, content: bytes
+) -> None:
+    api.get(RESULT).mock(return_value=httpx.Response(200, content=content))
+    client, _ = make_client(max_retries=0)
+    async with client:
+        with pytest.raises(MalformedResponseError):
+            await client.get_task_result(TASK_ID)
 
 
 # --------------------------------------------------------------------------- GET retries
@@ -458,7 +441,6 @@ GET_TRANSIENT: list[Any] = [
 ]
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("failure", GET_TRANSIENT)
 async def test_get_is_retried_on_transient_failures(api: respx.MockRouter, failure: Any) -> None:
     route = api.get(RESULT).mock(side_effect=[failure, ok_result()])
@@ -470,7 +452,6 @@ async def test_get_is_retried_on_transient_failures(api: respx.MockRouter, failu
     assert len(sleeps) == 1
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("failure", "expected"),
     [
@@ -495,7 +476,6 @@ async def test_get_gives_up_after_max_retries(
     assert len(sleeps) == 2
 
 
-@pytest.mark.asyncio
 async def test_connect_error_is_not_a_timeout(api: respx.MockRouter) -> None:
     api.get(RESULT).mock(side_effect=httpx.ConnectError)
     client, _ = make_client(max_retries=0)
@@ -506,7 +486,6 @@ async def test_connect_error_is_not_a_timeout(api: respx.MockRouter) -> None:
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "failure",
     [
@@ -527,7 +506,6 @@ async def test_get_is_not_retried_on_definite_errors(api: respx.MockRouter, fail
     assert sleeps == []
 
 
-@pytest.mark.asyncio
 async def test_get_honours_retry_after(api: respx.MockRouter) -> None:
     api.get(RESULT).mock(
         side_effect=[error(429, "RATE_LIMIT_EXCEEDED", **{"Retry-After": "2"}), ok_result()]
@@ -540,7 +518,6 @@ async def test_get_honours_retry_after(api: respx.MockRouter) -> None:
     assert sleeps == [2.0]
 
 
-@pytest.mark.asyncio
 async def test_get_retry_after_is_capped(api: respx.MockRouter) -> None:
     api.get(RESULT).mock(
         side_effect=[error(429, "RATE_LIMIT_EXCEEDED", **{"Retry-After": "3600"}), ok_result()]
@@ -551,7 +528,6 @@ async def test_get_retry_after_is_capped(api: respx.MockRouter) -> None:
     assert sleeps == [1.5]
 
 
-@pytest.mark.asyncio
 async def test_get_retry_after_as_http_date_on_503(api: respx.MockRouter) -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
     api.get(RESULT).mock(side_effect=[error(503, **{"Retry-After": when}), ok_result()])
@@ -562,7 +538,6 @@ async def test_get_retry_after_as_http_date_on_503(api: respx.MockRouter) -> Non
     assert 25.0 <= sleeps[0] <= 31.0
 
 
-@pytest.mark.asyncio
 async def test_get_backoff_grows_exponentially(
     api: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -576,7 +551,6 @@ async def test_get_backoff_grows_exponentially(
     assert sleeps == [0.25, 0.5, 1.0, 1.0]
 
 
-@pytest.mark.asyncio
 async def test_max_retries_zero_means_one_attempt(api: respx.MockRouter) -> None:
     route = api.get(RESULT).mock(side_effect=[error(503), ok_result()])
     client, sleeps = make_client(max_retries=0)
@@ -587,7 +561,6 @@ async def test_max_retries_zero_means_one_attempt(api: respx.MockRouter) -> None
     assert sleeps == []
 
 
-@pytest.mark.asyncio
 async def test_max_retries_argument_builds_the_policy(api: respx.MockRouter) -> None:
     route = api.get(RESULT).mock(side_effect=[error(503)] * 5)
     client = AsyncNovita(api_key=KEY, max_retries=1, transport=httpx.AsyncHTTPTransport())
@@ -601,7 +574,6 @@ async def test_max_retries_argument_builds_the_policy(api: respx.MockRouter) -> 
 # --------------------------------------------------------------------------- POST retries
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "failure",
     [
@@ -626,7 +598,6 @@ async def test_post_is_retried_where_no_task_was_created(
     assert first.content == second.content  # the same body, sent again
 
 
-@pytest.mark.asyncio
 async def test_post_honours_retry_after(api: respx.MockRouter) -> None:
     api.post(SUBMIT).mock(
         side_effect=[error(429, "RATE_LIMIT_EXCEEDED", **{"Retry-After": "4"}), ok_submit()]
@@ -637,7 +608,6 @@ async def test_post_honours_retry_after(api: respx.MockRouter) -> None:
     assert sleeps == [4.0]
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("failure", "expected", "sent"),
     [
@@ -661,7 +631,6 @@ async def test_post_gives_up_with_the_last_definite_error(
     assert len(sleeps) == sent - 1
 
 
-@pytest.mark.asyncio
 async def test_post_429_with_a_client_rate_limiter_is_paced_by_it(
     api: respx.MockRouter,
 ) -> None:
@@ -697,7 +666,6 @@ UNCERTAIN: list[tuple[Any, type[Exception]]] = [
 ]
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(("failure", "cause_type"), UNCERTAIN)
 async def test_post_is_not_retried_after_an_ambiguous_failure(
     api: respx.MockRouter, failure: Any, cause_type: type[Exception]
@@ -718,7 +686,6 @@ async def test_post_is_not_retried_after_an_ambiguous_failure(
     assert "not retried" in str(err)
 
 
-@pytest.mark.asyncio
 async def test_post_uncertain_after_earlier_safe_retries(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(side_effect=[httpx.ConnectError, error(503), httpx.ReadTimeout])
     client, sleeps = make_client(max_retries=5)
@@ -729,7 +696,6 @@ async def test_post_uncertain_after_earlier_safe_retries(api: respx.MockRouter) 
     assert len(sleeps) == 2
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
 async def test_post_4xx_is_not_retried(api: respx.MockRouter, status: int) -> None:
     route = api.post(SUBMIT).mock(side_effect=[error(status), ok_submit()])
@@ -748,7 +714,6 @@ async def test_post_4xx_is_not_retried(api: respx.MockRouter, status: int) -> No
 ECHO = f"invalid key {KEY}"
 
 
-@pytest.mark.asyncio
 async def test_key_never_in_repr_errors_or_logs(
     api: respx.MockRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -805,23 +770,6 @@ async def test_key_never_in_repr_errors_or_logs(
         assert KEY not in record.getMessage()
 
 
-@pytest.mark.asyncio
-async def test_authorization_goes_to_the_api_host_only(api: respx.MockRouter) -> None:
-    image_route = api.route(host="faas-output-image.s3.ap-southeast-1.amazonaws.com").mock(
-        return_value=httpx.Response(200, content=b"jpeg")
-    )
-    api_route = api.get(RESULT).mock(return_value=ok_result())
-    client, _ = make_client()
-    async with client:
-        await client.get_task_result(TASK_ID)
-        transport = client._transport
-        image_url = RESULT_BODY["images"][0]["image_url"]
-        await transport.http.send(transport.build("GET", image_url))
-    assert api_route.calls.last.request.headers["Authorization"] == f"Bearer {KEY}"
-    assert "Authorization" not in image_route.calls.last.request.headers
-
-
-@pytest.mark.asyncio
 async def test_api_key_from_environment(
     api: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -846,10 +794,23 @@ def test_missing_api_key_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
         AsyncNovita()
 
 
+@pytest.mark.parametrize("bad", ["key with space", "kéy", "key\nnewline", 42])
+def test_unusable_api_keys_are_rejected_without_echoing_them(bad: Any) -> None:
+    with pytest.raises(NovitaError) as caught:
+        AsyncNovita(api_key=bad)
+    assert str(bad) not in str(caught.value)
+
+
+async def test_api_key_is_stripped(api: respx.MockRouter) -> None:
+    route = api.get(RESULT).mock(return_value=ok_result())
+    async with AsyncNovita(api_key=f"  {KEY}\n", transport=httpx.AsyncHTTPTransport()) as client:
+        await client.get_task_result(TASK_ID)
+    assert route.calls.last.request.headers["Authorization"] == f"Bearer {KEY}"
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
-@pytest.mark.asyncio
 async def test_async_with_closes_an_owned_client(api: respx.MockRouter) -> None:
     route = api.get(RESULT).mock(return_value=ok_result())
     client, _ = make_client()
@@ -866,14 +827,12 @@ async def test_async_with_closes_an_owned_client(api: respx.MockRouter) -> None:
     assert route.call_count == 1
 
 
-@pytest.mark.asyncio
 async def test_aclose_without_context_manager(api: respx.MockRouter) -> None:
     client, _ = make_client()
     await client.aclose()
     assert client._transport.http.is_closed
 
 
-@pytest.mark.asyncio
 async def test_user_http_client_is_used_and_left_open(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(return_value=ok_submit())
     async with httpx.AsyncClient(timeout=httpx.Timeout(9.0)) as user_client:
@@ -888,23 +847,36 @@ async def test_user_http_client_is_used_and_left_open(api: respx.MockRouter) -> 
         assert (await user_client.post(API + SUBMIT, json={})).status_code == 200
 
 
-@pytest.mark.asyncio
-async def test_user_http_client_honours_an_explicit_timeout(api: respx.MockRouter) -> None:
+@pytest.mark.parametrize("timeout", [2.0, None])
+async def test_user_http_client_honours_an_explicit_timeout(
+    api: respx.MockRouter, timeout: float | None
+) -> None:
     route = api.get(RESULT).mock(return_value=ok_result())
     async with httpx.AsyncClient(timeout=httpx.Timeout(9.0)) as user_client:
-        client, _ = make_client(http_client=user_client, timeout=2.0)
+        client, _ = make_client(http_client=user_client, timeout=timeout)
         async with client:
             await client.get_task_result(TASK_ID)
-    assert route.calls.last.request.extensions["timeout"] == httpx.Timeout(2.0).as_dict()
+        assert not user_client.is_closed  # borrowed, never closed by us
+    assert route.calls.last.request.extensions["timeout"] == httpx.Timeout(timeout).as_dict()
 
 
-@pytest.mark.asyncio
-async def test_owned_client_timeout(api: respx.MockRouter) -> None:
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, httpx.Timeout(60.0, connect=10.0)),  # the documented default
+        ({"timeout": 3.0}, httpx.Timeout(3.0)),
+        ({"timeout": httpx.Timeout(3.0, connect=1.0)}, httpx.Timeout(3.0, connect=1.0)),
+        ({"timeout": None}, httpx.Timeout(None)),  # none at all, as in httpx
+    ],
+)
+async def test_owned_client_timeout(
+    api: respx.MockRouter, given: dict[str, Any], expected: httpx.Timeout
+) -> None:
     route = api.get(RESULT).mock(return_value=ok_result())
-    client, _ = make_client(timeout=3.0)
+    client, _ = make_client(**given)
     async with client:
         await client.get_task_result(TASK_ID)
-    assert route.calls.last.request.extensions["timeout"] == httpx.Timeout(3.0).as_dict()
+    assert route.calls.last.request.extensions["timeout"] == expected.as_dict()
 
 
 def test_http_client_and_transport_are_exclusive() -> None:
@@ -969,7 +941,6 @@ async def loopback(behaviours: list[Any]) -> AsyncIterator[tuple[str, _Loopback]
             tg.cancel_scope.cancel()
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("behaviour", "cause_type"),
     [("hang", APITimeoutError), ("close", APIConnectionError)],
@@ -987,7 +958,6 @@ async def test_real_socket_post_not_retried_after_read_timeout_or_hangup(
     assert sleeps == []
 
 
-@pytest.mark.asyncio
 async def test_real_socket_get_retried_and_logs_keep_the_key(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -995,7 +965,7 @@ async def test_real_socket_get_retried_and_logs_keep_the_key(
     behaviours: list[Any] = [
         _http("503 Service Unavailable", {"reason": "SERVICE_NOT_AVAILABLE", "message": ECHO}),
         "close",
-        _http("200 OK", RESULT_BODY),
+        _http("200 OK", SPEC_RESULT_BODY),
     ]
     async with loopback(behaviours) as (url, server):
         client, sleeps = make_client(max_retries=3, base_url=url, timeout=httpx.Timeout(2.0))
@@ -1009,7 +979,6 @@ async def test_real_socket_get_retried_and_logs_keep_the_key(
     assert KEY not in caplog.text
 
 
-@pytest.mark.asyncio
 async def test_real_socket_connect_refused_post_is_retried() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 import attrs
-import cattrs
 import pytest
+from _support import SPEC_RESULT_JSON
 
 from novita_async import (
     Audio,
@@ -39,41 +39,7 @@ from novita_async._convert import (
 # --------------------------------------------------------------------------- the spec's bodies
 # The six task-result response bodies of novita-txt2img-v3.txt, verbatim.
 
-EXAMPLE_1 = r"""
-{
-	"extra": {
-		"seed": "392212448",
-		"enable_nsfw_detection": false,
-		"debug_info": {
-			"request_info": "{\"model\":\"sd_xl_base_1.0.safetensors\",\"prompts\":[\"a cute dog\"],\"negative_prompts\":[\"nsfw, bottle,bad face\"],\"seeds\":[392212448],\"height\":384,\"width\":512,\"guidance_scale\":7.5,\"num_images_per_prompt\":2,\"num_inference_steps\":20,\"sampler_name\":\"Euler a\",\"clip_skip\":1}",
-			"submit_time_ms": "1715052533293",
-			"execute_time_ms": "1715052533362",
-			"complete_time_ms": "1715052537148"
-		}
-	},
-	"task": {
-		"task_id": "f10333f2-2dd7-4f56-a177-e3c02a774d9a",
-		"task_type": "TXT_TO_IMG",
-		"status": "TASK_STATUS_SUCCEED",
-		"reason": "",
-		"eta": 0,
-		"progress_percent": 0
-	},
-	"images": [{
-		"image_url": "https://faas-output-image.s3.ap-southeast-1.amazonaws.com/prod/f10333f2-2dd7-4f56-a177-e3c02a774d9a/80443e6739584fcb82bc2cf4f3b557fb.jpeg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIASVPYCN6LRCW3SOUV%2F20240507%2Fap-southeast-1%2Fs3%2Faws4_request&X-Amz-Date=20240507T032908Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&x-id=GetObject&X-Amz-Signature=b375b64e0886d0253d5463af241a30bd4a1e4718287f37f73b0e80d5dce4d214",
-		"image_url_ttl": "3600",
-		"image_type": "jpeg",
-		"nsfw_detection_result": null
-	}, {
-		"image_url": "https://faas-output-image.s3.ap-southeast-1.amazonaws.com/prod/f10333f2-2dd7-4f56-a177-e3c02a774d9a/9b16e333242244e58a4d03c4bfb1bca5.jpeg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIASVPYCN6LRCW3SOUV%2F20240507%2Fap-southeast-1%2Fs3%2Faws4_request&X-Amz-Date=20240507T032908Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&x-id=GetObject&X-Amz-Signature=fff0623985c741661497532eb682a7ae23094bcf2e55c4eee61e256e97c81e3c",
-		"image_url_ttl": "3600",
-		"image_type": "jpeg",
-		"nsfw_detection_result": null
-	}],
-	"videos": [],
-	"audios": []
-}
-"""  # noqa: E501
+EXAMPLE_1 = SPEC_RESULT_JSON  # shared with other tests: tests/_support.py
 
 EXAMPLE_2 = r"""
 {
@@ -646,9 +612,25 @@ def test_structure_wraps_every_failure() -> None:
     assert caught.value.__cause__ is not None
 
 
-def test_the_converter_is_a_single_cattrs_converter() -> None:
-    assert isinstance(converter, cattrs.Converter)
-    assert _convert.converter is converter
+def test_the_shared_converter_itself_reads_novitas_odd_values() -> None:
+    """There is one converter, and it is the one carrying the lenient hooks: the journal
+    stores and re-reads results with ``converter`` directly, so a second, hooked converter
+    behind ``task_result`` would leave the journal reading with plain cattrs rules."""
+    wire: dict[str, Any] = {
+        "task": {"task_id": "t", "status": "processing", "eta": "", "reason": None},
+        "extra": {"seed": "", "debug_info": {"request_info": '{"seeds": [7]}'}},
+        "images": [{"image_url": "u", "image_url_ttl": "3600", "nsfw_detection_result": {}}],
+    }
+    direct = converter.structure(wire, TaskResult)
+    assert direct == task_result(wire)
+    assert direct.status is TaskStatus.PROCESSING  # bare name, lower case
+    assert (direct.task.eta, direct.task.reason, direct.extra.seed) == (None, "", None)
+    assert direct.extra.debug_info is not None
+    assert direct.extra.debug_info.request_info == {"seeds": [7]}  # a JSON string, parsed
+    assert direct.images[0].nsfw_detection_result is None  # {} means none
+    assert converter.structure({"task": {"task_id": "t", "status": 3}}, TaskResult).status is (
+        TaskStatus.UNKNOWN
+    )
 
 
 # --------------------------------------------------------------------------- submit responses

@@ -28,9 +28,10 @@ async def test_a_hang_up_after_the_post_is_uncertain_on_the_default_transport() 
     emu = NovitaEmulator(durations=0.02)
     emu.fail_next("txt2img", reset=True, after_create=True)  # created, then hung up
     policy = RetryPolicy(max_retries=3, initial_backoff=0.0, max_backoff=0.0)
-    async with emu.serve() as server, emu.client(
-        base_url=server.base_url, transport=None, retry_policy=policy
-    ) as client:
+    async with (
+        emu.serve() as server,
+        emu.client(base_url=server.base_url, transport=None, retry_policy=policy) as client,
+    ):
         with pytest.raises(SubmissionUncertainError):
             await client.submit_txt2img(REQUEST)
         await anyio.sleep(0.05)

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from _support import API, MODEL
 
 from novita_async import (
     AsyncNovita,
@@ -32,7 +33,6 @@ from novita_async.testing import ManualClock, NovitaEmulator
 
 pytestmark = pytest.mark.anyio
 
-API = "https://api.novita.ai"
 IMAGES = "https://faas-output-image.s3.ap-southeast-1.amazonaws.com"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 FAST_RETRY = RetryPolicy(max_retries=2, initial_backoff=0.0, max_backoff=0.0)
@@ -377,8 +377,6 @@ def test_image_filename_never_contains_separators() -> None:
 
 
 # --------------------------------------------------------------------------- against the emulator
-
-MODEL = "sd_xl_base_1.0.safetensors"
 
 
 def emulator(**kwargs: Any) -> NovitaEmulator:

@@ -12,15 +12,16 @@ import selectors
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from _support import API, MODEL, emulator_http, post_task, request_json
+from _support import EMULATOR_AUTH as AUTH
 
-from novita_async import HiresFix, InvalidRequestError, Txt2ImgRequest
+from novita_async import HiresFix, InvalidRequestError, PollPolicy, TaskStatus, Txt2ImgRequest
 from novita_async._convert import model as parse_model
 from novita_async._convert import task_result
 from novita_async.testing import (
@@ -37,24 +38,11 @@ from novita_async.testing import (
 
 pytestmark = pytest.mark.anyio
 
-AUTH = {"Authorization": f"Bearer {DEFAULT_API_KEY}"}
-MODEL = "sd_xl_base_1.0.safetensors"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def body(extra: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-    request = {
-        "model_name": MODEL,
-        "prompt": "a lighthouse at dusk",
-        "width": 512,
-        "height": 512,
-        "image_num": 1,
-        "steps": 20,
-        "guidance_scale": 7.5,
-        "sampler_name": "Euler a",
-    }
-    request.update(fields)
-    out: dict[str, Any] = {"request": {k: v for k, v in request.items() if v is not None}}
+    out: dict[str, Any] = {"request": request_json(**fields)}
     if extra is not None:
         out["extra"] = extra
     return out
@@ -70,22 +58,9 @@ def emu(clock: ManualClock) -> NovitaEmulator:
     return NovitaEmulator(clock=clock, durations=2.0)
 
 
-@asynccontextmanager
-async def api(
-    emulator: NovitaEmulator, base_url: str = API_BASE_URL, **kwargs: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    kwargs.setdefault("headers", AUTH)
-    if "transport" not in kwargs and base_url == API_BASE_URL:
-        kwargs["transport"] = emulator.transport()
-    async with httpx.AsyncClient(base_url=base_url, **kwargs) as client:
-        yield client
-
-
 async def submit(client: httpx.AsyncClient, **fields: Any) -> str:
     extra = fields.pop("extra", None)
-    response = await client.post("/v3/async/txt2img", json=body(extra, **fields))
-    assert response.status_code == 200, response.text
-    return str(response.json()["task_id"])
+    return await post_task(client, body(extra, **fields))
 
 
 async def poll(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
@@ -107,7 +82,7 @@ def error_of(response: httpx.Response) -> tuple[int, str]:
 
 async def test_statuses_follow_the_clock_and_eta_counts_down(clock: ManualClock) -> None:
     emu = NovitaEmulator(clock=clock, durations=2.0, queue_delay=0.5)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         task_id = await submit(client, image_num=2)
         seen = []
         for step in (0.0, 0.5, 1.0, 1.0):
@@ -132,7 +107,7 @@ async def test_statuses_follow_the_clock_and_eta_counts_down(clock: ManualClock)
 
 async def test_result_body_matches_novitas_shape(emu: NovitaEmulator, clock: ManualClock) -> None:
     extra = {"response_image_type": "jpeg", "enable_nsfw_detection": True}
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         task_id = await submit(client, image_num=2, seed=1234, extra=extra)
         running = await poll(client, task_id)
         clock.advance(2)
@@ -164,7 +139,7 @@ async def test_result_body_matches_novitas_shape(emu: NovitaEmulator, clock: Man
 async def test_prompt_marker_and_failure_rate_end_failed(clock: ManualClock) -> None:
     emu = NovitaEmulator(clock=clock, durations=1.0)
     always = NovitaEmulator(clock=clock, durations=1.0, failure_rate=1.0)
-    async with api(emu) as client, api(always) as other:
+    async with emulator_http(emu) as client, emulator_http(always) as other:
         doomed = await submit(client, prompt="a cat [fail]")
         fine = await submit(client)
         random_failure = await submit(other)
@@ -182,7 +157,7 @@ async def test_prompt_marker_and_failure_rate_end_failed(clock: ManualClock) -> 
 
 async def test_workers_queue_fifo_and_eta_includes_the_wait(clock: ManualClock) -> None:
     emu = NovitaEmulator(clock=clock, durations=2.0, workers=2)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         ids = [await submit(client) for _ in range(5)]
         first = [(await poll(client, t))["task"] for t in ids]
         clock.advance(2)
@@ -222,7 +197,7 @@ async def test_callable_and_proportional_durations(clock: ManualClock) -> None:
 
     emu = NovitaEmulator(clock=clock, durations=duration)
     prop = NovitaEmulator(clock=clock, durations=NovitaEmulator.proportional(0.1, jitter=0.05))
-    async with api(emu) as client, api(prop) as other:
+    async with emulator_http(emu) as client, emulator_http(prop) as other:
         task_id = await submit(client, steps=30)
         small = await submit(other, steps=20, width=1000, height=1000)  # cost 20
         big = await submit(other, steps=40, width=1000, height=1000, image_num=2)  # cost 80
@@ -262,7 +237,7 @@ def test_constructor_rejects_nonsense() -> None:
     ],
 )
 async def test_auth_errors(emu: NovitaEmulator, method: str, path: str, params: Any) -> None:
-    async with api(emu, headers={}) as client:
+    async with emulator_http(emu, headers={}) as client:
         missing = await client.request(method, path, params=params, json=body())
         wrong = await client.request(
             method, path, params=params, json=body(), headers={"Authorization": "Bearer nope"}
@@ -306,7 +281,7 @@ async def test_auth_errors(emu: NovitaEmulator, method: str, path: str, params: 
     ],
 )
 async def test_invalid_bodies_get_400(emu: NovitaEmulator, bad: dict[str, Any]) -> None:
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         response = await client.post("/v3/async/txt2img", json=bad)
     assert error_of(response) == (400, "INVALID_REQUEST_BODY")
     assert response.json()["message"]
@@ -331,7 +306,7 @@ async def test_validation_says_what_the_models_say(
     with pytest.raises(InvalidRequestError) as caught:
         model()
     why = str(caught.value)  # "width must be 128-2048, got 99999", as the model words it
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         response = await client.post("/v3/async/txt2img", json=body(**fields))
     assert error_of(response) == (400, "INVALID_REQUEST_BODY")
     assert response.json()["message"].endswith(why)
@@ -350,7 +325,7 @@ async def test_valid_optional_fields_and_non_json_body(emu: NovitaEmulator) -> N
         restore_faces=True,
         sd_vae=None,
     )
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         ok = await client.post("/v3/async/txt2img", json=full)
         garbage = await client.post("/v3/async/txt2img", content=b"{not json")
     assert ok.status_code == 200
@@ -359,7 +334,7 @@ async def test_valid_optional_fields_and_non_json_body(emu: NovitaEmulator) -> N
 
 async def test_strict_models_checks_the_catalogue(clock: ManualClock) -> None:
     emu = NovitaEmulator(clock=clock, strict_models=True)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         known = await client.post("/v3/async/txt2img", json=body())
         unknown = await client.post("/v3/async/txt2img", json=body(model_name="nope.safetensors"))
     assert known.status_code == 200
@@ -368,7 +343,7 @@ async def test_strict_models_checks_the_catalogue(clock: ManualClock) -> None:
 
 async def test_not_found_paths_methods_and_tasks(clock: ManualClock) -> None:
     emu = NovitaEmulator(clock=clock, durations=1.0, not_found_for=0.5)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         unknown = await client.get("/v3/async/task-result", params={"task_id": "nope"})
         no_id = await client.get("/v3/async/task-result")
         path = await client.get("/v3/async/img2img")
@@ -391,7 +366,7 @@ async def test_not_found_paths_methods_and_tasks(clock: ManualClock) -> None:
 
 
 async def test_status_faults_with_retry_after_then_recovery(emu: NovitaEmulator) -> None:
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         task_id = await submit(client)
         emu.fail_next("task-result", status=429, times=2, retry_after=3)
         assert emu.pending_faults("task-result") == 2
@@ -410,7 +385,7 @@ async def test_fault_reasons_bodies_and_order(emu: NovitaEmulator) -> None:
     emu.fail_next("txt2img", status=503, reason="SERVICE_NOT_AVAILABLE", message="busy")
     emu.fail_next("txt2img", status=502)
     emu.fail_next("task-result", status=500)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         first = await client.post("/v3/async/txt2img", json=body())
         second = await client.post("/v3/async/txt2img", json=body())
         third = await client.post("/v3/async/txt2img", json=body())
@@ -430,7 +405,7 @@ async def test_reset_and_after_create_faults(emu: NovitaEmulator) -> None:
     emu.fail_next("txt2img", reset=True)
     emu.fail_next("txt2img", reset=True, after_create=True)
     emu.fail_next("txt2img", status=500, after_create=True)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await client.post("/v3/async/txt2img", json=body())
         assert emu.tasks_created == 0
@@ -447,7 +422,7 @@ async def test_reset_and_after_create_faults(emu: NovitaEmulator) -> None:
 
 async def test_after_create_waits_behind_a_bad_request(emu: NovitaEmulator) -> None:
     emu.fail_next("txt2img", status=500, after_create=True)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         invalid = await client.post("/v3/async/txt2img", json=body(steps=0))
         assert emu.pending_faults("txt2img") == 1  # not consumed: no task was created
         faulted = await client.post("/v3/async/txt2img", json=body())
@@ -457,7 +432,7 @@ async def test_after_create_waits_behind_a_bad_request(emu: NovitaEmulator) -> N
 
 
 async def test_malformed_and_delay_faults(emu: NovitaEmulator) -> None:
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         task_id = await submit(client)
         emu.fail_next("task-result", malformed=True)
         emu.fail_next("txt2img", status=None, delay=5.0, after_create=True)
@@ -478,7 +453,7 @@ async def test_envelope_flag_and_envelope_faults(clock: ManualClock) -> None:
     plain = NovitaEmulator(clock=clock)
     plain.fail_next("txt2img", envelope=True)
     plain.fail_next("txt2img", envelope=True, envelope_code=7, message="balance")
-    async with api(emu) as client, api(plain) as other:
+    async with emulator_http(emu) as client, emulator_http(plain) as other:
         enveloped = (await client.post("/v3/async/txt2img", json=body())).json()
         once = (await other.post("/v3/async/txt2img", json=body())).json()
         failing = await other.post("/v3/async/txt2img", json=body())
@@ -499,7 +474,7 @@ async def test_envelope_flag_and_envelope_faults(clock: ManualClock) -> None:
 
 async def test_model_and_image_faults(emu: NovitaEmulator, clock: ManualClock) -> None:
     emu.fail_next("model", status=503, retry_after=1.5)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         models = await client.get("/v3/model")
         task_id = await submit(client)
         clock.advance(2)
@@ -537,7 +512,7 @@ def test_fail_next_rejects_bad_arguments(emu: NovitaEmulator) -> None:
 
 async def test_images_per_minute_quota(clock: ManualClock) -> None:
     emu = NovitaEmulator(clock=clock, images_per_minute=10)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         ok = [await client.post("/v3/async/txt2img", json=body(image_num=4)) for _ in range(2)]
         clock.advance(20)
         over = await client.post("/v3/async/txt2img", json=body(image_num=4))
@@ -559,7 +534,7 @@ async def test_a_request_heavier_than_the_quota_waits_for_an_empty_window(
     clock: ManualClock,
 ) -> None:
     emu = NovitaEmulator(clock=clock, images_per_minute=4)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         first = await client.post("/v3/async/txt2img", json=body(image_num=2))
         clock.advance(10)
         heavy = await client.post("/v3/async/txt2img", json=body(image_num=8))
@@ -593,7 +568,7 @@ async def list_all(client: httpx.AsyncClient, **params: Any) -> list[dict[str, A
 
 
 async def test_models_paginate_with_keyset_cursors(emu: NovitaEmulator) -> None:
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         listed = await list_all(client)
         first = (await client.get("/v3/model", params={"pagination.cursor": "c_0"})).json()
     standard = [m for m in default_models() if m["base_model_type"] != "Inpainting"]
@@ -624,7 +599,7 @@ async def test_models_paginate_with_keyset_cursors(emu: NovitaEmulator) -> None:
     ],
 )
 async def test_model_filters(emu: NovitaEmulator, params: dict[str, str], check: Any) -> None:
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         listed = await list_all(client, **params)
     assert listed, params
     assert all(check(m) for m in listed)
@@ -636,7 +611,7 @@ async def test_model_filters(emu: NovitaEmulator, params: dict[str, str], check:
 
 
 async def test_model_repeated_types_and_bad_parameters(emu: NovitaEmulator) -> None:
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         repeated = await list_all(client, **{"filter.types": ["lora", "vae"]})
         bad = [
             await client.get("/v3/model", params=params)
@@ -659,7 +634,7 @@ async def test_custom_catalogue(clock: ManualClock) -> None:
         for i in range(1, 6)
     ]
     emu = NovitaEmulator(clock=clock, models=models, strict_models=True)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         listed = await list_all(client)
         ok = await client.post("/v3/async/txt2img", json=body(model_name="m3.safetensors"))
     assert [m["id"] for m in listed] == [5, 4, 3, 2, 1]
@@ -674,7 +649,7 @@ async def test_custom_catalogue(clock: ManualClock) -> None:
 async def finished_urls(
     emu: NovitaEmulator, clock: ManualClock, **fields: Any
 ) -> tuple[str, list[str]]:
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         task_id = await submit(client, **fields)
         clock.advance(emu.tasks[task_id].completed_at - clock())
         return task_id, [image["image_url"] for image in (await poll(client, task_id))["images"]]
@@ -705,7 +680,7 @@ async def test_image_download(
 async def test_image_urls_expire_on_the_emulator_clock(clock: ManualClock) -> None:
     emu = NovitaEmulator(clock=clock, durations=1.0, image_url_ttl=30)
     task_id, urls = await finished_urls(emu, clock)
-    async with httpx.AsyncClient(transport=emu.transport()) as plain, api(emu) as client:
+    async with httpx.AsyncClient(transport=emu.transport()) as plain, emulator_http(emu) as client:
         fresh = await plain.get(urls[0])
         clock.advance(30)
         expired = await plain.get(urls[0])
@@ -762,7 +737,7 @@ async def test_transport_attaches_the_request_and_serves_any_api_host(
     response = await transport.handle_async_request(request)
     assert response.request is request
     assert response.status_code == 200
-    async with api(emu, base_url="https://api.novita.ai", transport=emu.transport()) as client:
+    async with emulator_http(emu, base_url=API, transport=emu.transport()) as client:
         assert (await client.get("/v3/model")).status_code == 200
     emu.fail_next("model", reset=True)
     with pytest.raises(EmulatedReset):
@@ -772,7 +747,7 @@ async def test_transport_attaches_the_request_and_serves_any_api_host(
 async def test_report_eta_off_and_latency() -> None:
     clock = ManualClock()
     emu = NovitaEmulator(clock=clock, durations=5.0, report_eta=False, latency=0.01)
-    async with api(emu) as client:
+    async with emulator_http(emu) as client:
         task_id = await submit(client)
         task = (await poll(client, task_id))["task"]
     assert task["status"] == "TASK_STATUS_PROCESSING"
@@ -804,21 +779,28 @@ async def test_client_smoke_in_process() -> None:
     assert (emu.tasks_created, emu.image_auth_headers) == (1, 0)
 
 
+@pytest.mark.timeout(30)  # in real time the hour-long task would take an hour: fail instead
 def test_client_on_trio_virtual_time() -> None:
-    """``clock=anyio.current_time`` + trio's MockClock: a 60 s task takes no wall time."""
+    """``clock=anyio.current_time`` + trio's MockClock: an hour-long task takes no wall time,
+    and the client waits for it on the emulator's (virtual) clock."""
     trio = pytest.importorskip("trio")
     from trio.testing import MockClock
 
-    async def main() -> float:
-        emu = NovitaEmulator(durations=60.0, clock=anyio.current_time)
+    async def main() -> tuple[float, float, float]:
+        emu = NovitaEmulator(durations=3600.0, clock=anyio.current_time)
+        start = anyio.current_time()
         async with emu.client() as client:
-            await client.txt2img(Txt2ImgRequest(model_name=MODEL, prompt="a cat"))
+            result = await client.txt2img(Txt2ImgRequest(model_name=MODEL, prompt="a cat"))
+        assert result.status is TaskStatus.SUCCEED
         (task,) = emu.tasks.values()
         assert task.first_terminal_poll_at is not None
-        return task.first_terminal_poll_at - task.completed_at
+        waited = task.first_terminal_poll_at - start
+        return waited, task.first_terminal_poll_at - task.completed_at, task.completed_at - start
 
-    lag = trio.run(main, clock=MockClock(autojump_threshold=0))
-    assert lag >= 0
+    waited, lag, duration = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert duration == pytest.approx(3600.0, abs=1.0)
+    assert waited >= 3600.0  # the result came from a poll after the task ended, not before
+    assert 0 <= lag <= PollPolicy().max_interval  # and the client did not oversleep it
 
 
 # --------------------------------------------------------------------------- loopback server
@@ -829,7 +811,7 @@ async def test_loopback_round_trip(emu: NovitaEmulator, clock: ManualClock) -> N
         async with emu.serve() as server:
             assert server.base_url.startswith("http://127.0.0.1:")
             assert server.image_port != server.port
-            async with api(emu, base_url=server.base_url) as client:
+            async with emulator_http(emu, base_url=server.base_url) as client:
                 task_id = await submit(client, image_num=2)
                 assert (await poll(client, task_id))["task"]["status"] == "TASK_STATUS_PROCESSING"
                 clock.advance(2)
@@ -847,7 +829,7 @@ async def test_loopback_round_trip(emu: NovitaEmulator, clock: ManualClock) -> N
 
 async def test_loopback_faults(emu: NovitaEmulator) -> None:
     with anyio.fail_after(20):
-        async with emu.serve() as server, api(emu, base_url=server.base_url) as client:
+        async with emu.serve() as server, emulator_http(emu, base_url=server.base_url) as client:
             emu.fail_next("txt2img", reset=True, after_create=True)
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.post("/v3/async/txt2img", json=body())

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.abc
 import httpx
 import pytest
+from _support import emulator_http, post_task, request_json, until
 
 from novita_async.testing import (
     API_BASE_URL,
-    DEFAULT_API_KEY,
     IMAGE_BASE_URL,
     ManualClock,
     NovitaEmulator,
@@ -22,35 +21,18 @@ from novita_async.testing import (
 pytestmark = pytest.mark.anyio
 
 HOOK = "https://my.app/novita-hook"
-AUTH = {"Authorization": f"Bearer {DEFAULT_API_KEY}"}
 
 
 def body(prompt: str = "a lighthouse", url: str | None = HOOK) -> dict[str, Any]:
-    request = {
-        "model_name": "sd_xl_base_1.0.safetensors",
-        "prompt": prompt,
-        "width": 512,
-        "height": 512,
-        "image_num": 1,
-        "steps": 20,
-        "guidance_scale": 7.5,
-        "sampler_name": "Euler a",
-    }
     extra = {"webhook": {"url": url}} if url is not None else {}
-    return {"request": request, "extra": extra}
+    return {"request": request_json(prompt=prompt), "extra": extra}
 
 
 async def submit(
     emu: NovitaEmulator, *bodies: dict[str, Any], base_url: str = API_BASE_URL
 ) -> list[str]:
-    transport = emu.transport() if base_url == API_BASE_URL else None
-    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, transport=transport) as client:
-        ids = []
-        for one in bodies:
-            response = await client.post("/v3/async/txt2img", json=one)
-            assert response.status_code == 200, response.text
-            ids.append(response.json()["task_id"])
-    return ids
+    async with emulator_http(emu, base_url) as client:
+        return [await post_task(client, one) for one in bodies]
 
 
 class Receiver:
@@ -75,12 +57,6 @@ class Receiver:
 
     def task_ids(self) -> list[str]:
         return [event["payload"]["task"]["task_id"] for _, event, _ in self.calls]
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(10):
-        while not condition():
-            await anyio.sleep(0.01)
 
 
 async def test_a_task_that_ends_is_delivered_once_after_the_delay() -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 import pytest_asyncio
+from _support import until
 
-from novita_async import AsyncNovita, TaskStatus, Txt2ImgRequest
+from novita_async import AsyncNovita, NovitaError, TaskStatus, Txt2ImgRequest
 from novita_async.testing import NovitaEmulator
 
 REQUEST = Txt2ImgRequest(model_name="emulated.safetensors", prompt="a fixture cat")
@@ -24,7 +26,7 @@ async def asyncio_client() -> AsyncIterator[AsyncNovita]:
         yield client
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio  # asyncio only: pytest-asyncio's fixture (trio users have anyio's, below)
 async def test_pytest_asyncio_fixture_yields_an_entered_client(
     asyncio_client: AsyncNovita,
 ) -> None:
@@ -49,7 +51,7 @@ async def test_anyio_fixture_yields_an_entered_client(anyio_client: AsyncNovita)
     assert not anyio_client.is_closed
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio  # asyncio only: asyncio.create_task, which a trio nursery forbids
 async def test_setup_and_teardown_in_different_tasks() -> None:
     """What pytest-asyncio and aiohttp may do on asyncio: enter in one task, leave in
     another (trio frameworks enter and leave in one task, as a trio nursery needs)."""
@@ -78,10 +80,6 @@ async def test_a_client_never_entered_says_how_to_enter_it() -> None:
 
 @pytest.mark.anyio
 async def test_closing_ends_pending_waits_and_refuses_new_ones() -> None:
-    import anyio
-
-    from novita_async import NovitaError
-
     emu = NovitaEmulator(durations=30.0)
     client = emu.client()
     errors: list[BaseException] = []
@@ -95,9 +93,7 @@ async def test_closing_ends_pending_waits_and_refuses_new_ones() -> None:
                 errors.append(exc)
 
         tg.start_soon(waiter)
-        with anyio.fail_after(5):
-            while not emu.tasks:
-                await anyio.sleep(0.01)
+        await until(lambda: bool(emu.tasks), timeout=5)
         await client.aclose()
     assert len(errors) == 1
     assert "closed" in str(errors[0])

@@ -122,7 +122,7 @@ def test_fastapi_default_client_uses_the_emulator_on_request(
 # --------------------------------------------------------------------------- aiohttp
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio  # asyncio only: aiohttp runs on asyncio alone
 async def test_aiohttp_app_fans_out_and_receives_webhooks() -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -165,7 +165,7 @@ async def test_aiohttp_app_fans_out_and_receives_webhooks() -> None:
 # --------------------------------------------------------------------------- Redis: two workers
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio  # asyncio only: the Redis extra (redis-py's client) is asyncio-only
 async def test_redis_fastapi_app_two_workers_share_a_quota_and_relay_webhooks(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

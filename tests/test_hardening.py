@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import respx
+from _support import MODEL, RESULT, SUBMIT
 
 from novita_async import (
     AsyncNovita,
@@ -23,10 +24,7 @@ from novita_async.testing import NovitaEmulator
 
 pytestmark = pytest.mark.anyio
 
-API = "https://api.novita.ai"
-SUBMIT = "/v3/async/txt2img"
-RESULT = "/v3/async/task-result"
-REQUEST = Txt2ImgRequest(model_name="sd_xl_base_1.0.safetensors", prompt="a hostile cat")
+REQUEST = Txt2ImgRequest(model_name=MODEL, prompt="a hostile cat")
 NESTED = ("[" * 100_000 + "]" * 100_000).encode()
 
 
@@ -43,22 +41,22 @@ def client(**kwargs: object) -> AsyncNovita:
 @pytest.mark.parametrize("status", [200, 500])
 @pytest.mark.parametrize("content", [NESTED, b"<html>gateway</html>", b'{"task_id": '])
 async def test_a_post_answer_that_cannot_be_read_is_uncertain_never_resent(
-    status: int, content: bytes
+    api: respx.MockRouter, status: int, content: bytes
 ) -> None:
-    with respx.mock(base_url=API) as api:
-        route = api.post(SUBMIT).mock(return_value=httpx.Response(status, content=content))
-        async with client() as novita:
-            with pytest.raises(SubmissionUncertainError):
-                await novita.submit_txt2img(REQUEST)
+    route = api.post(SUBMIT).mock(return_value=httpx.Response(status, content=content))
+    async with client() as novita:
+        with pytest.raises(SubmissionUncertainError):
+            await novita.submit_txt2img(REQUEST)
     assert route.call_count == 1
 
 
-async def test_deeply_nested_200_is_journaled_uncertain_not_rejected(tmp_path: Path) -> None:
+async def test_deeply_nested_200_is_journaled_uncertain_not_rejected(
+    api: respx.MockRouter, tmp_path: Path
+) -> None:
     db = tmp_path / "batch.db"
-    with respx.mock(base_url=API) as api:
-        api.post(SUBMIT).mock(return_value=httpx.Response(200, content=NESTED))
-        async with client() as novita:
-            [item] = await novita.txt2img_all([REQUEST], journal=db)
+    api.post(SUBMIT).mock(return_value=httpx.Response(200, content=NESTED))
+    async with client() as novita:
+        [item] = await novita.txt2img_all([REQUEST], journal=db)
     assert isinstance(item.error, SubmissionUncertainError)
     with Journal(db, read_only=True) as journal:
         [record] = journal.records()
@@ -66,7 +64,7 @@ async def test_deeply_nested_200_is_journaled_uncertain_not_rejected(tmp_path: P
 
 
 @pytest.mark.parametrize("declared", [True, False])
-async def test_an_oversized_answer_is_malformed(declared: bool) -> None:
+async def test_an_oversized_answer_is_malformed(api: respx.MockRouter, declared: bool) -> None:
     big = b'{"task": {"task_id": "t", "reason": "' + b"x" * (9 * 1024 * 1024) + b'"}}'
 
     async def stream() -> object:
@@ -74,27 +72,27 @@ async def test_an_oversized_answer_is_malformed(declared: bool) -> None:
             yield big[start : start + (1 << 20)]
 
     headers = {"content-length": str(len(big))} if declared else {}
-    with respx.mock(base_url=API) as api:
-        route = api.get(RESULT).mock(
-            side_effect=lambda request: httpx.Response(
-                200, headers=headers, content=big if declared else stream()  # type: ignore[arg-type]
-            )
+    route = api.get(RESULT).mock(
+        side_effect=lambda request: httpx.Response(
+            200,
+            headers=headers,
+            content=big if declared else stream(),  # type: ignore[arg-type]
         )
-        async with client() as novita:
-            with pytest.raises(MalformedResponseError, match="larger than"):
-                await novita.get_task_result("t")
+    )
+    async with client() as novita:
+        with pytest.raises(MalformedResponseError, match="larger than"):
+            await novita.get_task_result("t")
     assert route.call_count == 3  # retried like any malformed answer
 
 
-async def test_an_answer_about_another_task_is_malformed() -> None:
+async def test_an_answer_about_another_task_is_malformed(api: respx.MockRouter) -> None:
     other = {"task": {"task_id": "OTHER", "status": "TASK_STATUS_SUCCEED"}}
     mine = {"task": {"task_id": "T1", "status": "TASK_STATUS_SUCCEED"}}
-    with respx.mock(base_url=API) as api:
-        route = api.get(RESULT).mock(
-            side_effect=[httpx.Response(200, json=other), httpx.Response(200, json=mine)]
-        )
-        async with client() as novita:
-            result = await novita.get_task_result("T1")
+    route = api.get(RESULT).mock(
+        side_effect=[httpx.Response(200, json=other), httpx.Response(200, json=mine)]
+    )
+    async with client() as novita:
+        result = await novita.get_task_result("T1")
     assert result.task_id == "T1"
     assert route.call_count == 2
 

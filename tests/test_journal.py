@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _support import MODEL, req
 
 from novita_async import (
     BadRequestError,
@@ -36,12 +37,6 @@ from novita_async import (
 from novita_async._batch import BatchItem
 from novita_async._convert import request_body, task_result
 from novita_async.testing import NovitaEmulator
-
-MODEL = "sd_xl_base_1.0.safetensors"
-
-
-def req(prompt: str, **kwargs: object) -> Txt2ImgRequest:
-    return Txt2ImgRequest(model_name=MODEL, prompt=prompt, **kwargs)  # type: ignore[arg-type]
 
 
 def raw_result(task_id: str, status: str = "TASK_STATUS_SUCCEED") -> dict[str, object]:
@@ -438,9 +433,7 @@ def test_main_file_alone_keeps_every_row_after_kill_9(tmp_path: Path, db: Path) 
         assert [(r.state, r.task_id) for r in journal.records()] == KILLED_STATES
 
 
-def test_main_file_copied_while_the_writer_holds_it_is_complete(
-    tmp_path: Path, db: Path
-) -> None:
+def test_main_file_copied_while_the_writer_holds_it_is_complete(tmp_path: Path, db: Path) -> None:
     copy = tmp_path / "copy.db"
     with Journal(db) as journal:
         journal.begin(entries(3))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from _support import MODEL
 
 from novita_async import Journal, JournalError, JournalRecord, Txt2ImgRequest, request_key
 from novita_async._convert import task_result
@@ -14,8 +15,6 @@ from novita_async._journal import AsyncJournal, as_async_journal
 from novita_async._models import TaskResult
 
 pytestmark = pytest.mark.anyio
-
-MODEL = "sd_xl_base_1.0.safetensors"
 
 
 def entries(n: int) -> list[tuple[int, str]]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 import pytest
+from _support import SPEC_EXTRA, SPEC_REQUEST, SPEC_REQUEST_BODY
 
 from novita_async import (
     SAMPLERS,
@@ -205,28 +206,7 @@ def test_additional_is_copied() -> None:
 
 # The request bodies of the spec's six curl examples, rebuilt from the models.
 SPEC_EXAMPLES: list[tuple[Txt2ImgRequest, Extra, dict[str, Any]]] = [
-    (
-        Txt2ImgRequest(
-            prompt="a cute dog",
-            model_name="sd_xl_base_1.0.safetensors",
-            negative_prompt="nsfw, bottle,bad face",
-            width=1024,
-            height=1024,
-            image_num=2,
-            steps=20,
-            seed=-1,
-            clip_skip=1,
-            sampler_name="Euler a",
-            guidance_scale=7.5,
-        ),
-        Extra(response_image_type="jpeg"),
-        json.loads(
-            """{"extra": {"response_image_type": "jpeg"}, "request": {"prompt": "a cute dog",
-            "model_name": "sd_xl_base_1.0.safetensors", "negative_prompt": "nsfw, bottle,bad face",
-            "width": 1024, "height": 1024, "image_num": 2, "steps": 20, "seed": -1, "clip_skip": 1,
-            "sampler_name": "Euler a", "guidance_scale": 7.5}}"""
-        ),
-    ),
+    (SPEC_REQUEST, SPEC_EXTRA, SPEC_REQUEST_BODY),  # shared: tests/_support.py
     (
         Txt2ImgRequest(
             prompt="a cute dog",

@@ -1,4 +1,6 @@
-"""Transport internals: backoff, Retry-After, status mapping, signing, timeouts, the secret."""
+"""Below the public API: RetryPolicy's backoff, Retry-After parsing, building status errors,
+origin-only signing and the key's secrecy. What the client does with them (retries, error
+mapping, headers, timeouts) is tested through AsyncNovita in test_client_core.py."""
 
 from __future__ import annotations
 
@@ -12,39 +14,22 @@ from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
+from _support import API, KEY
 
 from novita_async import (
-    APIStatusError,
-    AuthenticationError,
     BadRequestError,
     InsufficientBalanceError,
-    MalformedResponseError,
-    NotFoundError,
-    NovitaError,
-    PermissionDeniedError,
     RateLimitError,
     RetryPolicy,
     ServerError,
-    _transport,
 )
 from novita_async._transport import (
-    DEFAULT_TIMEOUT,
     NOT_GIVEN,
     Transport,
     _Secret,
     parse_retry_after,
     status_error,
 )
-from novita_async._version import __version__
-
-KEY = "sk_test_0123456789abcdef"
-API = "https://api.novita.ai"
-
-
-def read(response: httpx.Response) -> Any:
-    """What the request loop makes of an answer it has read whole."""
-    return _transport._read(response, response.content)
 
 
 def make_transport(**overrides: Any) -> Transport:
@@ -61,8 +46,8 @@ def make_transport(**overrides: Any) -> Transport:
     return Transport(**options)
 
 
-@pytest_asyncio.fixture
-async def transport() -> AsyncIterator[Transport]:
+@pytest.fixture
+async def transport(anyio_backend: str) -> AsyncIterator[Transport]:
     t = make_transport()
     yield t
     await t.aclose()
@@ -189,51 +174,6 @@ def test_retry_after_http_date_against_the_real_clock() -> None:
 # --------------------------------------------------------------------------- status mapping
 
 
-@pytest.mark.parametrize(
-    ("status", "reason", "cls"),
-    [
-        (400, "INVALID_REQUEST_BODY", BadRequestError),
-        (400, "ILLEGAL_PROMPT", BadRequestError),
-        (400, "MISSING_API_KEY", AuthenticationError),
-        (400, "BILLING_BALANCE_NOT_ENOUGH", InsufficientBalanceError),
-        (403, "NOT_ENOUGH_BALANCE", InsufficientBalanceError),
-        (401, "", AuthenticationError),
-        (401, "FAILED_TO_AUTH", AuthenticationError),
-        (403, "INVALID_API_KEY", AuthenticationError),
-        (403, "FEATURE_NOT_ALLOWED", PermissionDeniedError),
-        (403, "API_NOT_ALLOWED", PermissionDeniedError),
-        (403, "NEED_REAL_NAME_VERIFY", PermissionDeniedError),
-        (403, "BILLING_AUTH_FAILED", PermissionDeniedError),
-        (404, "TASK_NOT_FOUND", NotFoundError),
-        (404, "API_NOT_FOUND", NotFoundError),
-        (429, "RATE_LIMIT_EXCEEDED", RateLimitError),
-        (500, "CREATE_TASK_FAILED", ServerError),
-        (500, "TASK_FAILED", ServerError),
-        (502, "", ServerError),
-        (503, "SERVICE_NOT_AVAILABLE", ServerError),
-        (504, "", ServerError),
-        (409, "CONFLICT", APIStatusError),
-    ],
-)
-def test_status_error_mapping(status: int, reason: str, cls: type[APIStatusError]) -> None:
-    body = {"code": status, "reason": reason, "message": "human text", "metadata": {"k": "v"}}
-    error = status_error(response(status, body))
-    assert type(error) is cls
-    assert isinstance(error, APIStatusError)
-    assert isinstance(error, NovitaError)
-    assert error.status_code == status
-    assert error.reason == reason
-    assert error.message == "human text"
-    assert error.metadata == {"k": "v"}
-    assert json.loads(error.body) == body
-    assert error.code == status
-    assert error.method == "POST"
-    assert error.path == "/v3/async/txt2img"
-    assert error.envelope is False
-    assert f"HTTP {status}" in str(error)
-    assert "human text" in str(error)
-
-
 def test_insufficient_balance_is_a_bad_request() -> None:
     assert issubclass(InsufficientBalanceError, BadRequestError)
 
@@ -279,74 +219,13 @@ def test_api_status_errors_pickle() -> None:
     assert str(clone) == str(error)
 
 
-# --------------------------------------------------------------------------- 2xx bodies
-
-
-@pytest.mark.parametrize(
-    ("body", "cls", "status", "reason"),
-    [
-        ({"code": 6, "msg": "steps out of range"}, BadRequestError, 400, "PARAM_RANGE_ERROR"),
-        ({"code": 4, "msg": "bad key"}, AuthenticationError, 401, "INVALID_AUTH"),
-        ({"code": 7, "msg": "no money"}, InsufficientBalanceError, 400, "COST_BALANCE_ERROR"),
-        ({"code": 3, "msg": "no such task"}, NotFoundError, 404, "TASK_ID_NOT_EXISTS"),
-        ({"code": -1, "msg": "internal"}, ServerError, 500, "INTERNAL_ERROR"),
-        ({"code": 5}, ServerError, 503, "HOST_UNAVAILABLE"),
-        ({"code": 9}, ServerError, 504, "TIMEOUT"),
-        (
-            {"code": 429, "reason": "RATE_LIMIT_EXCEEDED"},
-            RateLimitError,
-            429,
-            "RATE_LIMIT_EXCEEDED",
-        ),
-        (
-            {"code": 403, "reason": "INVALID_API_KEY", "message": "x"},
-            AuthenticationError,
-            403,
-            "INVALID_API_KEY",
-        ),
-        ({"code": 12345}, ServerError, 500, "ENVELOPE_CODE_12345"),
-    ],
-)
-def test_2xx_envelope_with_nonzero_code_is_an_error(
-    body: dict[str, Any], cls: type[APIStatusError], status: int, reason: str
-) -> None:
-    with pytest.raises(APIStatusError) as caught:
-        read(response(200, body))
-    error = caught.value
-    assert type(error) is cls
-    assert error.status_code == status
-    assert error.reason == reason
-    assert error.envelope is True
-    assert error.code == body["code"]
-    assert "envelope" in str(error)
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"task_id": "t"},
-        {"code": 0, "msg": "", "data": {"task_id": "t"}},
-        {"code": 200, "data": {"task_id": "t"}},
-        [],
-        "text",
-        None,
-    ],
-)
-def test_2xx_json_without_error_code_is_returned(body: Any) -> None:
-    assert read(response(200, json.dumps(body))) == body
-
-
-@pytest.mark.parametrize("content", [b"", b"<html>", b"{'single': 'quotes'}", b"\xff\xfe", b"{"])
-def test_2xx_non_json_is_malformed(content: bytes) -> None:
-    with pytest.raises(MalformedResponseError):
-        read(response(200, content))
-
-
 # --------------------------------------------------------------------------- signing
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_only_api_origin_is_signed(transport: Transport) -> None:
+    """Defence in depth below the public API (downloads never sign at all): the key goes
+    only to the API's exact origin, never to a lookalike host, port or scheme."""
     signed = transport.build("GET", "/v3/async/task-result", params={"task_id": "t"})
     assert signed.headers["Authorization"] == f"Bearer {KEY}"
     assert signed.url == httpx.URL(API + "/v3/async/task-result?task_id=t")
@@ -360,74 +239,6 @@ async def test_only_api_origin_is_signed(transport: Transport) -> None:
         request = transport.build("GET", url)
         assert "Authorization" not in request.headers, url
         assert request.url == httpx.URL(url)
-
-
-@pytest.mark.asyncio
-async def test_headers_name_the_library(transport: Transport) -> None:
-    request = transport.build("POST", "/v3/async/txt2img", json_body={"a": 1})
-    assert f"novita-async/{__version__}" in request.headers["User-Agent"]
-    assert request.headers["Content-Type"] == "application/json"
-    assert json.loads(request.content) == {"a": 1}
-    get = transport.build("GET", "/v3/async/task-result")
-    assert get.headers["Content-Type"] == "application/json"  # "required" even on GET
-
-
-@pytest.mark.asyncio
-async def test_base_url_with_path_prefix() -> None:
-    t = make_transport(base_url="http://127.0.0.1:8080/proxy/")
-    try:
-        request = t.build("POST", "/v3/async/txt2img")
-        assert request.url == httpx.URL("http://127.0.0.1:8080/proxy/v3/async/txt2img")
-        assert "Authorization" in request.headers
-    finally:
-        await t.aclose()
-
-
-@pytest.mark.parametrize("base_url", ["api.novita.ai", "ftp://api.novita.ai", "/v3"])
-def test_base_url_must_be_absolute_http(base_url: str) -> None:
-    with pytest.raises(ValueError, match="base_url"):
-        make_transport(base_url=base_url)
-
-
-# --------------------------------------------------------------------------- timeouts
-
-
-@pytest.mark.asyncio
-async def test_owned_client_timeouts() -> None:
-    for given, expected in [
-        (DEFAULT_TIMEOUT, DEFAULT_TIMEOUT),
-        (5.0, httpx.Timeout(5.0)),
-        (httpx.Timeout(3.0, connect=1.0), httpx.Timeout(3.0, connect=1.0)),
-        (None, httpx.Timeout(None)),
-    ]:
-        t = make_transport(timeout=given)
-        try:
-            assert t.http.timeout == expected
-            request = t.build("GET", "/x")
-            assert request.extensions["timeout"] == expected.as_dict()
-        finally:
-            await t.aclose()
-
-
-@pytest.mark.asyncio
-async def test_user_http_client_keeps_its_timeout_unless_one_is_given() -> None:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(11.0)) as user_client:
-        kept = make_transport(http_client=user_client)
-        assert kept.build("GET", "/x").extensions["timeout"] == httpx.Timeout(11.0).as_dict()
-        given = make_transport(http_client=user_client, timeout=2.5)
-        assert given.build("GET", "/x").extensions["timeout"] == httpx.Timeout(2.5).as_dict()
-        unlimited = make_transport(http_client=user_client, timeout=None)
-        assert unlimited.build("GET", "/x").extensions["timeout"] == httpx.Timeout(None).as_dict()
-        await given.aclose()
-        assert not user_client.is_closed  # borrowed, never closed by us
-
-
-@pytest.mark.asyncio
-async def test_owned_client_is_closed() -> None:
-    t = make_transport()
-    http = t.http
-    await t.aclose()
-    assert http.is_closed
 
 
 # --------------------------------------------------------------------------- the secret
@@ -460,29 +271,3 @@ def test_secret_redacts_nested_values_and_errors() -> None:
     for text in (str(error), repr(error), error.message, error.body, json.dumps(error.metadata)):
         assert KEY not in text
     assert "[REDACTED]" in error.message
-
-
-@pytest.mark.asyncio
-async def test_transport_repr_and_vars_hide_the_key(transport: Transport) -> None:
-    assert KEY not in repr(transport)
-    assert KEY not in repr(vars(transport))
-
-
-@pytest.mark.parametrize(
-    "bad",
-    ["", "   ", "key with space", "kéy", "key\nnewline", 42, None],
-)
-def test_unusable_api_keys_are_rejected_without_echoing_them(bad: Any) -> None:
-    with pytest.raises(NovitaError) as caught:
-        make_transport(api_key=bad)
-    if isinstance(bad, str) and bad.strip():
-        assert bad not in str(caught.value)
-
-
-@pytest.mark.asyncio
-async def test_api_key_is_stripped() -> None:
-    t = make_transport(api_key=f"  {KEY}\n")
-    try:
-        assert t.build("GET", "/x").headers["Authorization"] == f"Bearer {KEY}"
-    finally:
-        await t.aclose()

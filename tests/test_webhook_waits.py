@@ -11,13 +11,13 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
+from _support import req, until
 
 from novita_async import (
     Extra,
     PollPolicy,
     TaskResult,
     TaskStatus,
-    Txt2ImgRequest,
     Webhook,
 )
 from novita_async.testing import NovitaEmulator
@@ -29,25 +29,15 @@ HOOK = "https://my.app/novita-hook"
 POLICY = PollPolicy(webhook_cold_delay=2.0, min_interval=0.01, backoff_initial=0.05)
 
 
-def req(prompt: str = "a cat") -> Txt2ImgRequest:
-    return Txt2ImgRequest(model_name="emulated.safetensors", prompt=prompt)
-
-
 async def submitted(emu: NovitaEmulator, count: int = 1) -> list[str]:
     """The ids of the first ``count`` tasks, once the emulator created them."""
-    with anyio.fail_after(5):
-        while len(emu.tasks) < count:
-            await anyio.sleep(0.005)
+    await until(lambda: len(emu.tasks) >= count, timeout=5)
     return list(emu.tasks)[:count]
 
 
 async def finished(emu: NovitaEmulator, task_id: str) -> None:
-    with anyio.fail_after(5):
-        while emu.tasks[task_id].status_at(emu.clock()) not in (
-            TaskStatus.SUCCEED,
-            TaskStatus.FAILED,
-        ):
-            await anyio.sleep(0.005)
+    ended = (TaskStatus.SUCCEED, TaskStatus.FAILED)
+    await until(lambda: emu.tasks[task_id].status_at(emu.clock()) in ended, timeout=5)
 
 
 async def test_every_submission_carries_the_clients_webhook_unless_its_own() -> None:
@@ -204,9 +194,7 @@ async def test_a_relay_passes_a_delivery_to_the_replica_that_waits() -> None:
         [task_id] = await submitted(emu)
         await finished(emu, task_id)
         assert await b.receive_webhook(emu.webhook_event(task_id)) is None  # not b's task
-        with anyio.fail_after(1):
-            while not results:
-                await anyio.sleep(0.005)
+        await until(lambda: bool(results), timeout=1)
     for relay in bus:
         relay.send.close()
     assert results[0].task_id == task_id

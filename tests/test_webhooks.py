@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from _support import MODEL
 
 from novita_async import (
     AsyncNovita,
@@ -64,7 +65,6 @@ DOC_EVENT: dict[str, Any] = {
     },
 }
 TASK_ID = "f6aec953-2e81-4e8b-938e-2ceab54d6df9"
-MODEL = "sd_xl_base_1.0.safetensors"
 
 
 def event_for(task_id: str, status: str = "TASK_STATUS_SUCCEED") -> dict[str, Any]:
