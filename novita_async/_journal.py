@@ -691,8 +691,7 @@ def _acquire_lock(path: Path) -> tuple[int, tuple[int, int]]:
     on_file = sys.platform.startswith("linux")
     lock_path = real if on_file else real.with_name(real.name + "-lock")
     in_use = JournalError(
-        f"journal {path} is in use by another batch; "
-        "two writers could submit the same prompt twice"
+        f"journal {path} is in use by another batch; two writers could submit the same prompt twice"
     )
     with _LOCKED_MUTEX:
         try:

@@ -343,9 +343,7 @@ class Txt2ImgRequest:
     steps: int = attrs.field(default=20, validator=_number(1, 100, integer=True))
     guidance_scale: float = attrs.field(default=7.5, validator=_number(1, 30, integer=False))
     sampler_name: str = attrs.field(default="Euler a", validator=_one_of(SAMPLERS, str))
-    negative_prompt: str | None = attrs.field(
-        default=None, validator=_text(1, 1024, optional=True)
-    )
+    negative_prompt: str | None = attrs.field(default=None, validator=_text(1, 1024, optional=True))
     sd_vae: str | None = attrs.field(default=None, validator=_text(1, optional=True))
     seed: int | None = attrs.field(
         default=None, validator=_number(-1, SEED_MAX, integer=True, optional=True)

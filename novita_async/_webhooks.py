@@ -47,6 +47,7 @@ class _TaskResults(Protocol):
 
     async def get_task_result(self, task_id: str) -> TaskResult: ...
 
+
 #: The only event type Novita documents; every other one is to be ignored.
 ASYNC_TASK_RESULT = "ASYNC_TASK_RESULT"
 
