@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
 import statistics
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ def machine_facts() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    spec = importlib.util.find_spec("novita_async")
+    where = Path(spec.origin).parent.parent if spec and spec.origin else None
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu_count": os.cpu_count(),
@@ -44,7 +48,20 @@ def machine_facts() -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "packages": versions,
+        "library": f"{where} at {_git_state(where)}" if where else "not found",
     }
+
+
+def _git_state(where: Path) -> str:
+    """``<short commit>`` (+ ``, uncommitted changes``) of the library's checkout."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True)
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "no git"
+    dirty = git("status", "--porcelain", "--", "novita_async")
+    return commit + (", uncommitted changes in novita_async/" if dirty else "")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -96,6 +113,7 @@ def summarize(
         "max_in_flight": worker.get("max_in_flight"),
         "transport": worker.get("transport"),
         "probes": stats.get("probes"),
+        "errors": worker.get("errors") or [],
         "scheduler_stats": stats,
     }
 

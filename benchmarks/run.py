@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _jobs import JobError, emulator, run_worker  # noqa: E402
-from _plan import SECTIONS, micro_plan, plan, sizes, timeout_for  # noqa: E402
+from _plan import SECTIONS, loop_deadline, micro_plan, plan, sizes, timeout_for  # noqa: E402
 from _report import machine_facts, summarize, summarize_hooks, write_readme  # noqa: E402
 from _tables import render  # noqa: E402
 from _workloads import WORKLOADS, request_dicts  # noqa: E402
@@ -52,6 +52,7 @@ def run_scenario(spec: dict[str, Any], seed: int) -> dict[str, Any]:
         "pause": workload.pause,
         "seed": seed,
         "durations": workload.durations,
+        "deadline": loop_deadline(spec),
     }
     if spec["kind"] == "webhooks":
         return summarize_hooks(spec, run_worker(job, timeout_for(spec)))
