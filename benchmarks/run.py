@@ -4,7 +4,7 @@ Usage (from the repository root; ``nox -s bench`` runs the second line)::
 
     python benchmarks/run.py                 # print the tables, save benchmarks/results.json
     python benchmarks/run.py --write-readme  # ... rewrite README.md's bench section + the PNG
-    python benchmarks/run.py --quick         # smaller, a smoke run (~6 min)
+    python benchmarks/run.py --quick         # smaller, a smoke run (~10 min)
     python benchmarks/run.py --sections forms,curve --tasks 1000   # a part of it
 
 Every scenario gets a fresh emulator process (``_server.py``) and a fresh
