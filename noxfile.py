@@ -34,7 +34,8 @@ def mypy(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks against the loopback emulator; rewrites the README's results table."""
+    """Benchmarks against the loopback emulator; rewrites the README's results section and
+    benchmarks/tradeoff.png (~25 min on 2 quiet cores; `nox -s bench -- --quick` ~10 min)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", "--write-readme", *session.posargs)
 

@@ -10,7 +10,14 @@ from typing import Any
 
 import httpx
 
-__all__ = ["EMULATOR_KEY", "CountingTransport", "Meter", "make_transport"]
+__all__ = [
+    "EMULATOR_KEY",
+    "CountingTransport",
+    "Meter",
+    "jsonable_stats",
+    "make_transport",
+    "transport_name",
+]
 
 EMULATOR_KEY = "emulator-key"
 #: AsyncNovita's default pool size (``max_connections=64``).
@@ -107,3 +114,24 @@ def _rss_mb() -> float:
     import psutil
 
     return float(psutil.Process().memory_info().rss) / (1024 * 1024)
+
+
+def jsonable_stats(stats: Any) -> dict[str, Any]:
+    """The scheduler's counters as JSON (without the live per-task map)."""
+    import attrs
+
+    if not attrs.has(type(stats)):
+        return {"repr": repr(stats)}
+    out = attrs.asdict(stats)
+    out.pop("polls_by_task", None)
+    return dict(json.loads(json.dumps(out, default=str)))
+
+
+def transport_name(client: Any) -> str:
+    """Best effort: the class of the httpx transport an ``AsyncNovita`` ended up with."""
+    http = getattr(getattr(client, "_transport", None), "http", None)
+    inner = getattr(http, "_transport", None)
+    if inner is None:
+        return "unknown"
+    cls = type(inner)
+    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"

@@ -1,4 +1,17 @@
-"""The baseline: what people write by hand -- httpx + gather + a fixed 1 s sleep."""
+"""Baselines: what people write by hand -- httpx + gather + a fixed sleep.
+
+* ``naive``: a plain ``httpx.AsyncClient`` (httpx's default pool limits, 100
+  connections, 20 kept alive), every prompt POSTed at once, each task then loops
+  GET + ``sleep(1.0)`` until terminal. Only the timeout is raised, so that the
+  baseline does not fail outright while hundreds of requests queue for the pool.
+* ``loop-<interval>``: the same loop with another fixed interval, on the
+  httpx-aiohttp transport (so the strategy, not httpcore's pool, sets its
+  latency): the fixed-interval points of the trade-off curve.
+
+A loop that has not delivered everything ``deadline`` seconds into the measured
+batch (httpcore's pool can collapse under 1000 requests in flight on 2 busy
+cores: PoolTimeout) stops there; its undelivered tasks count as failures.
+"""
 
 from __future__ import annotations
 
@@ -9,54 +22,63 @@ from typing import Any
 import httpx
 from _harness import EMULATOR_KEY, Meter, make_transport
 
-__all__ = ["run_naive"]
+__all__ = ["run_loop"]
 
 TERMINAL = frozenset({"TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"})
 
 
-async def run_naive(
-    base_url: str,
-    requests: list[dict[str, Any]],
-    warmup: list[dict[str, Any]],
-    deliveries: dict[str, float],
-    meter: Meter,
-    *,
-    transport_kind: str = "httpx",
+async def run_loop(
+    job: dict[str, Any], deliveries: dict[str, float], *, interval: float, transport_kind: str
 ) -> dict[str, Any]:
-    """POST every request at once; each task then loops GET + ``sleep(1.0)`` until terminal.
-
-    A plain ``httpx.AsyncClient`` with httpx's default pool limits (100
-    connections, 20 kept alive); only the timeout is raised so that the
-    baseline does not fail outright while 500 requests queue for the pool.
-    ``transport_kind="aiohttp"`` swaps in httpx-aiohttp (same limits), to
-    separate the cost of the polling strategy from that of httpcore's pool.
-    """
+    """POST every request (waves ``pause`` s apart), then poll each every ``interval`` s."""
     transport = make_transport(transport_kind, max_connections=None)
     headers = {"Authorization": f"Bearer {EMULATOR_KEY}"}
+    requests, warmup = job["requests"], job.get("warmup") or []
+    waves, pause = max(1, job.get("waves", 1)), job.get("pause", 0.0)
+    size = -(-len(requests) // waves)
+    failures = 0
     async with httpx.AsyncClient(
-        base_url=base_url, headers=headers, transport=transport, timeout=60.0
+        base_url=job["base_url"], headers=headers, transport=transport, timeout=120.0
     ) as http:
 
-        async def one(request: dict[str, Any], deliveries: dict[str, float]) -> None:
+        async def one(request: dict[str, Any], stamps: dict[str, float], delay: float) -> None:
+            nonlocal failures
+            if delay:
+                await asyncio.sleep(delay)
             response = await http.post("/v3/async/txt2img", json={"request": request})
             response.raise_for_status()
             task_id = response.json()["task_id"]
             while True:
                 response = await http.get("/v3/async/task-result", params={"task_id": task_id})
                 response.raise_for_status()
-                if response.json()["task"]["status"] in TERMINAL:
-                    deliveries[task_id] = time.monotonic()
+                status = response.json()["task"]["status"]
+                if status in TERMINAL:
+                    stamps[task_id] = time.monotonic()
+                    failures += status != "TASK_STATUS_SUCCEED"
                     return
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(interval)
 
         warm: dict[str, float] = {}
         if warmup:  # same as the library's warm-up: one unmeasured batch first
-            await asyncio.gather(*(one(r, warm) for r in warmup))
+            await asyncio.gather(*(one(r, warm, 0.0) for r in warmup))
             transport.reset()
+            failures = 0
+        meter = Meter()
         with meter:
-            await asyncio.gather(*(one(r, deliveries) for r in requests))
+            batch = asyncio.gather(
+                *(one(r, deliveries, (i // size) * pause) for i, r in enumerate(requests)),
+                return_exceptions=True,
+            )
+            try:
+                outcomes = await asyncio.wait_for(batch, job["deadline"])
+            except asyncio.TimeoutError:
+                outcomes = []
+            errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
     return {
-        "http_requests": transport.requests,
+        "failures": failures,
         "max_in_flight": transport.max_in_flight,
         "warmup_task_ids": list(warm),
+        "errors": sorted(set(errors))[:3] or (["deadline"] if not outcomes else []),
+        "transport": f"{transport_kind} (counted)",
+        **meter.as_dict(),
     }

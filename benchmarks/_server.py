@@ -7,8 +7,9 @@ one per line, answering each with one JSON line on stdout:
 * ``stats`` -> ``{"tasks_created": n, "tasks": {task_id: {created_at, completed_at,
   first_terminal_poll_at, polls}}}`` (times are ``time.monotonic()``)
 
-``--no-eta`` answers ``eta: 0`` for running tasks, as Novita's image tasks do
-(the emulator otherwise reports the exact seconds left).
+``--eta zero`` answers ``eta: 0`` for running tasks, as Novita's image tasks do;
+``--eta int`` answers whole seconds left, rounded up (Novita's eta when it gives
+one); ``--eta exact`` the emulator's own float.
 
 EOF on stdin shuts the server down. Using a pipe instead of an admin HTTP
 endpoint keeps the measurement out of the HTTP path the clients are timed on.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -33,10 +35,39 @@ from _workloads import duration_for
 from novita_async.testing import NovitaEmulator
 
 
-def durations(workload: str, seed: int) -> Callable[[Mapping[str, Any]], float]:
-    if workload == "never":  # the micro-benchmark polls a task that stays PROCESSING
+def durations(model: str, seed: int) -> Callable[[Mapping[str, Any]], float]:
+    if model == "never":  # the micro-benchmark polls a task that stays PROCESSING
         return lambda _body: 1e6
-    return duration_for(workload, seed=seed)
+    return duration_for(model, seed=seed)
+
+
+class IntegerEtaEmulator(NovitaEmulator):
+    """Answers ``eta`` in whole seconds left, rounded up, like Novita.
+
+    (The emulator's own ``report_eta=True`` gives a float; this post-processes
+    its task-result body, a private hook: if it moves, ``--eta int`` fails loudly.)
+    """
+
+    def _result(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        body: dict[str, Any] = super()._result(*args, **kwargs)  # type: ignore[misc]
+        eta = body["task"].get("eta") or 0
+        if eta > 0:
+            body["task"]["eta"] = math.ceil(eta)
+        return body
+
+
+def make_emulator(model: str, seed: int, eta: str) -> NovitaEmulator:
+    cls = IntegerEtaEmulator if eta == "int" else NovitaEmulator
+    if eta == "int" and not hasattr(NovitaEmulator, "_result"):
+        raise SystemExit("--eta int: NovitaEmulator._result is gone; update benchmarks/_server.py")
+    return cls(
+        durations=durations(model, seed),
+        report_eta=eta != "zero",  # zero: ``eta`` stays 0, as on Novita's image tasks
+        workers=None,  # every task runs at once: no queueing on the emulated GPUs
+        images_per_minute=None,  # no IPM quota: measure polling, not the rate limiter
+        clock=time.monotonic,
+        seed=seed,
+    )
 
 
 def task_stats(emu: Any) -> dict[str, Any]:
@@ -55,15 +86,8 @@ def _get(record: Any, name: str) -> Any:
     return record[name] if isinstance(record, Mapping) else getattr(record, name, None)
 
 
-async def serve(workload: str, seed: int, eta: bool) -> None:
-    emu = NovitaEmulator(
-        durations=durations(workload, seed),
-        report_eta=eta,  # False: ``eta`` stays 0, as on Novita's image tasks
-        workers=None,  # every task runs at once: no queueing on the emulated GPUs
-        images_per_minute=None,  # no IPM quota: measure polling, not the rate limiter
-        clock=time.monotonic,
-        seed=seed,
-    )
+async def serve(model: str, seed: int, eta: str) -> None:
+    emu = make_emulator(model, seed, eta)
     async with emu.serve() as server:
         sys.stdout.write(json.dumps({"base_url": server.base_url, "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
@@ -84,11 +108,11 @@ async def serve(workload: str, seed: int, eta: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--workload", required=True)
+    p.add_argument("--durations", required=True, help="a duration model, or 'never'")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-eta", action="store_true", help="answer eta 0 while tasks run")
+    p.add_argument("--eta", choices=("int", "exact", "zero"), default="zero")
     args = p.parse_args()
-    anyio.run(serve, args.workload, args.seed, not args.no_eta)
+    anyio.run(serve, args.durations, args.seed, args.eta)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Webhook-driven waits against polling alone (issue #12), in ONE process.
+
+The emulator runs in-process (``emu.client()``'s transport, no sockets) and
+delivers webhooks in-process: its sender's ``deliver`` callable hands each body
+to ``client.receive_webhook`` and answers 200, as an app's route would. Genuine
+deliveries are delayed U(0.05, 0.25) s after the task ends, ``duplicate_rate``
+of them are delivered twice, ``loss_rate`` never. While the batch runs, forged
+"succeeded" deliveries are posted for running tasks and for random task ids
+(their images live on ``forged.invalid``, so a forged field in a result shows).
+
+Measured: task-result GETs per task (the emulator's count), added latency after
+the first genuine delivery (and after completion, for every task: the lost
+ones end by the scheduler's safety-net poll), every prompt delivered, no forged
+image or early result, and zero GETs for the random ids.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from typing import Any
+
+import anyio
+from _harness import Meter, jsonable_stats
+from _workloads import duration_for
+
+__all__ = ["FORGED_HOST", "run_webhooks"]
+
+URL = "https://bench.invalid/novita-hook"
+FORGED_HOST = "forged.invalid"
+
+
+async def run_webhooks(job: dict[str, Any]) -> dict[str, Any]:
+    from novita_async import Txt2ImgRequest
+    from novita_async.testing import NovitaEmulator
+
+    seed, hooks_on = job["seed"], job["webhooks"]
+    emu = NovitaEmulator(
+        durations=duration_for(job["durations"], seed=seed),
+        report_eta=False,
+        workers=None,
+        images_per_minute=None,
+        clock=time.monotonic,
+        seed=seed,
+    )
+    first_delivery: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    stamps: dict[str, float] = {}
+    rng = random.Random(f"bench-forgeries:{seed}")
+    random_ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(job["forged"])]
+    forged_running: list[str] = []
+    failures = 0
+
+    client = emu.client(webhook_url=URL) if hooks_on else emu.client()
+
+    async def deliver(url: str, body: bytes) -> int:
+        if FORGED_HOST.encode() not in body:
+            task_id = json.loads(body)["payload"]["task"]["task_id"]
+            first_delivery.setdefault(task_id, time.monotonic())
+        await client.receive_webhook(body)
+        return 200
+
+    async def forge(hooks: Any) -> None:
+        """``forged`` forgeries for running tasks and as many for random ids, spread out."""
+        await anyio.sleep(0.5)
+        for k in range(job["forged"]):
+            now = time.monotonic()
+            running = [
+                t.task_id
+                for t in emu.tasks.values()
+                if t.completed_at > now + 0.3 and t.task_id not in forged_running
+            ]
+            if running:
+                forged_running.append(rng.choice(running))
+                await hooks.forge(URL, forged_running[-1])
+            await hooks.forge(URL, random_ids[k])
+            await anyio.sleep(0.02)
+
+    async def batch(reqs: list[Any], measured: bool) -> None:
+        nonlocal failures
+        async with client.txt2img_many(reqs) as run:
+            async for item in run:
+                if not measured:
+                    continue
+                if item.error is not None or item.task_id is None:
+                    failures += 1
+                    continue
+                stamps[item.task_id] = time.monotonic()
+                results[item.task_id] = item.result
+
+    meter = Meter()
+    warm_ids: set[str] = set()
+    sender = emu.webhooks(
+        deliver=deliver,
+        delay=(0.05, 0.2),
+        duplicate_rate=job["duplicate_rate"],
+        loss_rate=job["loss_rate"],
+        seed=seed,
+    )
+    async with client, sender as hooks:
+        if job.get("warmup"):
+            await batch([Txt2ImgRequest(**r) for r in job["warmup"]], False)
+            warm_ids = set(emu.tasks)
+        reqs = [Txt2ImgRequest(**r) for r in job["requests"]]
+        with meter:
+            async with anyio.create_task_group() as tg:
+                if hooks_on:
+                    tg.start_soon(forge, hooks)
+                await batch(reqs, True)
+                tg.cancel_scope.cancel()
+        stats = jsonable_stats(client.scheduler.stats)
+    tasks = {tid: t for tid, t in emu.tasks.items() if tid not in warm_ids}
+    forged_images = sum(
+        FORGED_HOST in image.image_url for r in results.values() for image in r.images
+    )
+    early = sum(stamps[tid] < tasks[tid].completed_at for tid in stamps if tid in tasks)
+    after_delivery = [stamps[t] - first_delivery[t] for t in stamps if t in first_delivery]
+    after_completion = [stamps[t] - tasks[t].completed_at for t in stamps if t in tasks]
+    lost = [stamps[t] - tasks[t].completed_at for t in stamps if t not in first_delivery]
+    wh = emu.webhook_stats
+    return {
+        "webhooks": hooks_on,
+        "tasks": len(tasks),
+        "delivered": len(stamps),
+        "failures": failures,
+        "gets_per_task": sum(emu.polls[t] for t in tasks) / max(1, len(tasks)),
+        "gets_unknown_ids": sum(emu.polls[t] for t in random_ids),
+        "forged_running": len(forged_running),
+        "forged_random": len(random_ids) if hooks_on else 0,
+        "forged_images_in_results": forged_images,
+        "results_before_completion": early,
+        "after_delivery": sorted(after_delivery),
+        "after_completion": sorted(after_completion),
+        "lost_latencies": sorted(lost) if hooks_on else [],
+        "sender": {k: getattr(wh, k) for k in ("sent", "duplicates", "lost", "forgeries")},
+        "scheduler_stats": stats,
+        **meter.as_dict(),
+    }

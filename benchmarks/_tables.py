@@ -1,0 +1,336 @@
+"""The Markdown that goes between the README markers (and to stdout)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from _forms import FORMS, KNOB
+from _micro import TRANSPORTS
+from _notes import NOTES
+from _scenarios import CLIENTS
+from _workloads import WORKLOADS
+
+__all__ = ["render"]
+
+GOAL_FORMS = 1.15  # issue #8: bare within 1.15x of `async with`
+BASIS = 16  # in-flight level of the transport cost basis (the library's default poll cap)
+PNG = "benchmarks/tradeoff.png"
+
+
+def f(x: Any, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def ratio(a: float | None, b: float | None) -> float:
+    return a / b if a is not None and b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _state(row: dict[str, Any]) -> str:
+    return "warm" if row.get("warmup") else "cold"
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    facts, z = results["facts"], results["sizes"]
+    command = f"`{results['command']}`"
+    if results["command"].split()[2:] == ["--write-readme"]:
+        command += " (what `nox -s bench` runs)"
+    kind = "QUICK smoke run (small sizes; not for conclusions)" if results["quick"] else "full run"
+    defaults = sorted(
+        {f"{r['backend']}: `{r['transport']}`" for r in results["rows"] if r["kind"] == "library"}
+    )
+    return [
+        f"Command: {command}, {results['date']}, {results.get('total_s', 0) / 60:.1f} min in all "
+        f"({kind}).",
+        "",
+        f"Machine: {facts['cpu_count']} CPUs ({facts['cpus_usable']} usable, "
+        f"{facts['cpu_model']}), {facts['python']}, {facts['platform']}; "
+        + ", ".join(f"{k} {v}" for k, v in facts["packages"].items())
+        + f". Library measured: {facts.get('library', '?')}.",
+        "",
+        f"Library at default settings (no `PollPolicy` tweaks, `AsyncNovita`'s default transport: "
+        f"{', '.join(defaults) or '-'}), except the trade-off sweep of "
+        f"`PollPolicy.{KNOB}`. Workloads ({z['main']} prompts each unless said; warm = the same "
+        f"client first ran {z['warmup']} other tasks): "
+        + "; ".join(f"`{w.name}`: {w.label}" for w in WORKLOADS.values())
+        + ".",
+    ]
+
+
+def _forms_table(rows: list[dict[str, Any]]) -> list[str]:
+    lib = [r for r in rows if r["section"] in ("workloads", "forms") and r["client"] == "novita"]
+    keys = sorted(
+        {(r["workload"], r["backend"], _state(r)) for r in lib},
+        key=lambda k: (list(WORKLOADS).index(k[0]), k[1], k[2]),
+    )
+    by = {(r["workload"], r["backend"], _state(r), r["form"]): r for r in lib}
+    out = [
+        "### Usage forms side by side",
+        "",
+        "Each cell: wall s / client CPU ms per task / polls per task / added latency p95 s. "
+        f"Ratios are bare ÷ `async with` and single ÷ `async with` (wall / CPU / polls); "
+        f"goal (#8): bare within {GOAL_FORMS}x on all three at 1000 prompts.",
+        "",
+        f"| workload | backend | state | {FORMS['with']} | {FORMS['bare']} | bare ÷ with | "
+        f"{FORMS['single']} | single ÷ with |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        return (
+            f"{f(r['wall_s'], 1)} / {f(r['client_cpu_ms_per_task'])} / "
+            f"{f(r['polls_per_task'])} / {f(r['latency_p95_s'])}"
+        )
+
+    def ratios(r: dict[str, Any] | None, w: dict[str, Any] | None, flag: bool) -> str:
+        if r is None or w is None:
+            return "-"
+        keys_ = ("wall_s", "client_cpu_ms_per_task", "polls_per_task")
+        rs = [ratio(r[k], w[k]) for k in keys_]
+        ok = all(x <= GOAL_FORMS for x in rs)
+        return " / ".join(f(x) for x in rs) + (("" if ok else " ✗") if flag else "")
+
+    for w, backend, state in keys:
+        row = {form: by.get((w, backend, state, form)) for form in FORMS}
+        out.append(
+            f"| {w} | {backend} | {state} | {cell(row['with'])} | {cell(row['bare'])} | "
+            f"{ratios(row['bare'], row['with'], True)} | {cell(row['single'])} | "
+            f"{ratios(row['single'], row['with'], False)} |"
+        )
+    return out
+
+
+def baseline_cpu(rows: list[dict[str, Any]], client: str) -> dict[str, float]:
+    """workload -> CPU ms/task of a baseline loop at the main size (only if it delivered all)."""
+    out = {
+        r["workload"]: r["client_cpu_ms_per_task"]
+        for r in rows
+        if r["section"] == "workloads" and r["client"] == client and r["failures"] == 0
+    }
+    if "uniform" in out:
+        out["uniform-eta"] = out["uniform"]  # the loops ignore eta
+    return out
+
+
+def _label(r: dict[str, Any]) -> str:
+    if r["client"] != "novita":
+        return CLIENTS.get(r["client"], r["client"])
+    return f"novita_async, {FORMS[r['form']]} ({r['backend']})"
+
+
+def _workloads_table(rows: list[dict[str, Any]]) -> list[str]:
+    sel = [r for r in rows if r["section"] == "workloads"]
+    naive, loop = baseline_cpu(rows, "naive"), baseline_cpu(rows, "loop-1")
+    out = [
+        "### Workloads: the library (`async with`) against the hand-written loops",
+        "",
+        "| workload | client | state | polls/task | added latency p50 / p95 / max (s) | "
+        "client CPU ms/task | CPU ÷ naive / ÷ 1 s loop | wall (s) | RSS growth MB | "
+        "max in flight | failures |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sel:
+        if r["client"] == "novita" and r["form"] != "with":
+            continue
+        cpu = r["client_cpu_ms_per_task"]
+        vs = f"{f(ratio(cpu, naive.get(r['workload'])))} / {f(ratio(cpu, loop.get(r['workload'])))}"
+        out.append(
+            f"| {r['workload']} | {_label(r)} | {_state(r)} | {f(r['polls_per_task'])} | "
+            f"{f(r['latency_p50_s'])} / {f(r['latency_p95_s'])} / {f(r['latency_max_s'])} | "
+            f"{f(cpu)} | {vs} | "
+            f"{f(r['wall_s'], 1)} | {f(r['rss_growth_mb'], 0)} | {f(r['max_in_flight'])} | "
+            f"{r['failures']}{' ' + '; '.join(r['errors']) if r.get('errors') else ''} |"
+        )
+    return out
+
+
+def _scale_table(rows: list[dict[str, Any]]) -> list[str]:
+    sel = [r for r in rows if r["section"] == "scale"]
+    base = {}
+    for r in sorted(sel, key=lambda r: r["tasks"]):
+        base.setdefault((r["client"], r.get("form"), r["backend"]), r["client_cpu_ms_per_task"])
+    out = [
+        "### Scale: 0.2-1 s tasks (`fast`, eta 0), cold client",
+        "",
+        "Goals (#9): CPU per task at 10,000 within 1.3x of that at 200, RSS growth < 50 MB, "
+        "added latency p95 < 1 s.",
+        "",
+        "| prompts | client | wall (s) | client CPU ms/task | ÷ smallest | RSS growth MB | "
+        "added latency p95 (s) | polls/task | failures |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(sel, key=lambda r: (r["tasks"], r["client"] != "novita", r["backend"])):
+        first = base[(r["client"], r.get("form"), r["backend"])]
+        out.append(
+            f"| {r['tasks']} | {_label(r)} | {f(r['wall_s'], 1)} | "
+            f"{f(r['client_cpu_ms_per_task'])} | {f(ratio(r['client_cpu_ms_per_task'], first))} | "
+            f"{f(r['rss_growth_mb'], 0)} | {f(r['latency_p95_s'])} | {f(r['polls_per_task'])} | "
+            f"{r['failures']} |"
+        )
+    return out
+
+
+def _curve_table(results: dict[str, Any]) -> list[str]:
+    sel = [r for r in results["rows"] if r["section"] == "curve"]
+    if not sel:
+        return []
+    out = [
+        "### Trade-off: polls per task against added latency p95",
+        "",
+        f"The library (`async with`, warm, asyncio) sweeping `PollPolicy.{KNOB}` against "
+        f"fixed-interval loops (on httpx-aiohttp, so the loop's interval, not httpcore's pool, "
+        f"sets its latency), {results['sizes']['curve']} prompts. *Beaten*: some library point "
+        "has no more polls and no more p95 than that loop.",
+        "",
+    ]
+    if results.get("curve_png"):
+        out += [f"![trade-off curve]({PNG})", ""]
+    out += [
+        "| workload | client | polls/task | added latency p50 / p95 (s) | CPU ms/task | beaten |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in sel:
+        lib = [x for x in sel if x["workload"] == r["workload"] and x["client"] == "novita"]
+        if r["client"] == "novita":
+            who, beaten = f"novita_async, {KNOB}={r['policy'][KNOB]}", ""
+        else:
+            who = CLIENTS[r["client"]]
+            polls, p95 = r["polls_per_task"], r["latency_p95_s"]
+            won = any(x["polls_per_task"] <= polls and x["latency_p95_s"] <= p95 for x in lib)
+            beaten = "yes" if won else "no"
+        out.append(
+            f"| {r['workload']} | {who} | {f(r['polls_per_task'])} | {f(r['latency_p50_s'])} / "
+            f"{f(r['latency_p95_s'])} | {f(r['client_cpu_ms_per_task'])} | {beaten} |"
+        )
+    return out
+
+
+def _webhooks_table(rows: list[dict[str, Any]]) -> list[str]:
+    sel = [r for r in rows if r["section"] == "webhooks"]
+    if not sel:
+        return []
+    out = [
+        f"### Webhooks (#12): {sel[0]['expected'] if 'expected' in sel[0] else sel[0]['tasks']} "
+        "prompts, `affine`, in-process emulator and delivery",
+        "",
+        "The emulator runs in the client's process and delivers in-process (its `deliver=` "
+        "callable calls `client.receive_webhook(body)` and answers 200), U(0.05, 0.25) s after a "
+        'task ends; 20 % of deliveries duplicated, 5 % lost; forged "succeeded" deliveries for '
+        "running tasks and for random ids, images on `forged.invalid`. Goal: <= 1.1 GETs/task, "
+        "p95 <= 0.3 s after the delivery, every prompt delivered, no forged field, 0 GETs for "
+        "unknown ids.",
+        "",
+        "| mode | backend | state | task-result GETs/task | added latency after delivery p50 / "
+        "p95 (s) | after completion p95 / max (s) | lost: tasks, max (s) | delivered | "
+        "forgeries (running + random) | forged images in results | results before completion | "
+        "GETs for unknown ids | wall (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sel:
+        mode = "webhooks" if r["webhooks"] else "polling alone"
+        out.append(
+            f"| {mode} | {r['backend']} | {_state(r)} | {f(r['gets_per_task'])} | "
+            f"{f(r['after_delivery_p50_s'])} / {f(r['after_delivery_p95_s'])} | "
+            f"{f(r['after_completion_p95_s'])} / {f(r['after_completion_max_s'])} | "
+            f"{r['lost_tasks']}, {f(r['lost_max_s'])} | {r['delivered']}/{r['tasks']} | "
+            f"{r['forged_running']} + {r['forged_random']} | {r['forged_images_in_results']} | "
+            f"{r['results_before_completion']} | {r['gets_unknown_ids']} | {f(r['wall_s'], 1)} |"
+        )
+    return out
+
+
+def _transport_key(name: str | None) -> str | None:
+    if not name:
+        return None
+    return "httpx-aiohttp" if "aiohttp" in name else "httpx" if name.startswith("httpx.") else None
+
+
+def _transport_tables(results: dict[str, Any]) -> list[str]:
+    micro = results.get("micro") or []
+    out = [
+        "### Transports",
+        "",
+        "Client CPU per task-result GET, N coroutines looping GETs through ONE pool of 64 "
+        f"connections for {results['sizes']['micro_seconds']:g} s. 16 is the library's default "
+        "cap on polls in flight; above 64 the rest wait in the pool.",
+        "",
+        "| in flight | backend | transport | requests/s | client CPU µs/request | "
+        "latency p50 / p95 (ms) |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for m in micro:
+        out.append(
+            f"| {m['concurrency']} | {m.get('backend', 'asyncio')} | "
+            f"{TRANSPORTS[m['transport']]} | "
+            f"{f(m['requests_per_s'], 0)} | "
+            f"{f(m['cpu_us_per_request'], 0)} | {f(m['latency_p50_ms'], 1)} / "
+            f"{f(m['latency_p95_ms'], 1)} |"
+        )
+    if not results.get("httpx2_installed"):
+        out += ["", "httpx2 is not installed (or not installable on this Python): no httpx2 rows."]
+    cost: dict[tuple[str, str], float] = {}
+    for level in (64, BASIS):  # the basis wins where both were measured
+        for m in micro:
+            if m["concurrency"] == level:
+                cost[(m.get("backend", "asyncio"), m["transport"])] = m["cpu_us_per_request"]
+    lib = [
+        r
+        for r in results["rows"]
+        if r["section"] in ("workloads", "forms")
+        and r["client"] == "novita"
+        and not r.get("warmup")
+        and r["form"] != "single"
+    ]
+    naive, loop = baseline_cpu(results["rows"], "naive"), baseline_cpu(results["rows"], "loop-1")
+    out += [
+        "",
+        "Library CPU per task against what its requests cost on its default transport "
+        f"(requests/task = 1 POST + polls; µs/request: the table above at {BASIS} in flight, "
+        "same backend). Goals (#9): CPU ÷ (requests x cost) <= 1.5 and CPU ÷ naive <= 0.25, "
+        "cold, both forms (÷ naive: only where the hand-written httpx loop delivered every "
+        "prompt; ÷ 1 s loop: the same loop on httpx-aiohttp).",
+        "",
+        "| workload | backend | form | requests/task | default transport | µs/request | "
+        "requests x cost (ms) | library CPU ms/task | ÷ requests x cost | ÷ naive | ÷ 1 s loop |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in lib:
+        key = _transport_key(r.get("transport"))
+        per = cost.get((r["backend"], key)) if key else None
+        budget = r["requests_per_task"] * per / 1e3 if per else None
+        cpu = r["client_cpu_ms_per_task"]
+        out.append(
+            f"| {r['workload']} | {r['backend']} | {r['form']} | {f(r['requests_per_task'])} | "
+            f"{key or r.get('transport')} | {f(per, 0)} | {f(budget)} | {f(cpu)} | "
+            f"{f(ratio(cpu, budget))} | "
+            f"{f(ratio(cpu, naive.get(r['workload'])))} | "
+            f"{f(ratio(cpu, loop.get(r['workload'])))} |"
+        )
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    lines = _header(results)
+    for part in (
+        _forms_table(rows),
+        _workloads_table(rows),
+        _scale_table(rows),
+        _curve_table(results),
+        _webhooks_table(rows),
+        _transport_tables(results),
+    ):
+        if part:
+            lines += ["", *part]
+    if results.get("errors"):
+        lines += ["", "Scenarios that failed or timed out (not in the tables):", ""]
+        for e in results["errors"]:
+            what = [e.get(k) for k in ("section", "workload", "form", "client", "transport")]
+            what += [e.get("backend"), f"n={e.get('tasks') or e.get('concurrency')}"]
+            lines.append(f"- {' '.join(str(w) for w in what if w)}: {e['error']}")
+    lines += ["", *NOTES]
+    return "\n".join(lines)
