@@ -26,9 +26,9 @@ from _harness import EMULATOR_KEY, Meter, jsonable_stats, transport_name
 __all__ = ["FORMS", "KNOB", "KNOB_VALUES", "run_library"]
 
 #: The policy's one knob the trade-off curve sweeps (a ``PollPolicy`` field name).
-KNOB = "first_poll_quantile"
-KNOB_VALUES = (0.5, 0.65, 0.8, 0.9, 0.95)
-KNOB_VALUES_QUICK = (0.5, 0.8, 0.95)
+KNOB = "latency_budget"
+KNOB_VALUES = (0.1, 0.2, 0.4, 0.8, 1.6)
+KNOB_VALUES_QUICK = (0.1, 0.4, 1.6)
 
 FORMS = {
     "bare": "bare `async for`",

@@ -128,10 +128,5 @@ def jsonable_stats(stats: Any) -> dict[str, Any]:
 
 
 def transport_name(client: Any) -> str:
-    """Best effort: the class of the httpx transport an ``AsyncNovita`` ended up with."""
-    http = getattr(getattr(client, "_transport", None), "http", None)
-    inner = getattr(http, "_transport", None)
-    if inner is None:
-        return "unknown"
-    cls = type(inner)
-    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+    """The transport an ``AsyncNovita`` ended up with (``"httpx-aiohttp"``, ``"httpx"``, ...)."""
+    return str(client.transport_name)

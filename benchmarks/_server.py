@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -41,28 +40,12 @@ def durations(model: str, seed: int) -> Callable[[Mapping[str, Any]], float]:
     return duration_for(model, seed=seed)
 
 
-class IntegerEtaEmulator(NovitaEmulator):
-    """Answers ``eta`` in whole seconds left, rounded up, like Novita.
-
-    (The emulator's own ``report_eta=True`` gives a float; this post-processes
-    its task-result body, a private hook: if it moves, ``--eta int`` fails loudly.)
-    """
-
-    def _result(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        body: dict[str, Any] = super()._result(*args, **kwargs)  # type: ignore[misc]
-        eta = body["task"].get("eta") or 0
-        if eta > 0:
-            body["task"]["eta"] = math.ceil(eta)
-        return body
-
-
 def make_emulator(model: str, seed: int, eta: str) -> NovitaEmulator:
-    cls = IntegerEtaEmulator if eta == "int" else NovitaEmulator
-    if eta == "int" and not hasattr(NovitaEmulator, "_result"):
-        raise SystemExit("--eta int: NovitaEmulator._result is gone; update benchmarks/_server.py")
-    return cls(
+    report = {"int": "whole", "zero": False}.get(eta, True)
+    return NovitaEmulator(
         durations=durations(model, seed),
-        report_eta=eta != "zero",  # zero: ``eta`` stays 0, as on Novita's image tasks
+        # int: whole seconds left, rounded up; zero: ``eta`` stays 0, as on Novita's image tasks
+        report_eta=report,  # type: ignore[arg-type]
         workers=None,  # every task runs at once: no queueing on the emulated GPUs
         images_per_minute=None,  # no IPM quota: measure polling, not the rate limiter
         clock=time.monotonic,

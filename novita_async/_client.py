@@ -183,6 +183,13 @@ class AsyncNovita:
         return self._transport.max_connections
 
     @property
+    def transport_name(self) -> str:
+        """What carries the requests: ``"httpx-aiohttp"`` (the default on asyncio),
+        ``"httpx"`` (the default on trio), or the class name of the one you gave;
+        ``"not chosen yet"`` before the first request of a default client."""
+        return self._transport.transport_name
+
+    @property
     def scheduler(self) -> PollScheduler:
         """The client's shared polling scheduler (its ``stats`` count polls)."""
         return self._scheduler

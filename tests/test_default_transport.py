@@ -19,7 +19,7 @@ async def test_default_transport_per_backend(anyio_backend: str) -> None:
     emu = NovitaEmulator(durations=0.02)
     async with emu.serve() as server, emu.client(base_url=server.base_url, transport=None) as c:
         result = await c.txt2img(REQUEST, timeout=10)
-        name = c._transport.transport_name
+        name = c.transport_name
     assert result.status is TaskStatus.SUCCEED
     assert name == ("httpx-aiohttp" if anyio_backend == "asyncio" else "httpx")
 

@@ -978,3 +978,14 @@ def test_module_rejects_bad_options() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--durations", "3,1"])
     assert exc.value.code == 2
+
+
+@pytest.mark.anyio
+async def test_whole_second_etas_are_rounded_up() -> None:
+    emu = NovitaEmulator(durations=2.3, report_eta="whole")
+    async with emu.client() as client:
+        task_id = await client.submit_txt2img(
+            Txt2ImgRequest(model_name="emulated.safetensors", prompt="eta")
+        )
+        result = await client.get_task_result(task_id)
+    assert result.task.eta == 3.0  # 2.3 s left, said as whole seconds

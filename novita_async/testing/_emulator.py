@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import httpx
@@ -112,7 +112,8 @@ class NovitaEmulator:
         latency: seconds every request takes (slept on anyio's clock).
         not_found_for: task-result answers 404 TASK_NOT_FOUND this long after creation.
         report_eta: ``False`` answers ``eta`` 0 while tasks run (as Novita's image
-            examples show), leaving a poller no server hint.
+            examples show), leaving a poller no server hint; ``"whole"`` answers
+            whole seconds left, rounded up; ``True``: exact seconds.
         images_per_minute: enforce Novita's IPM quota (429 + Retry-After); see :meth:`rate_limit`.
         models: the ``GET /v3/model`` catalogue (default :func:`default_models`).
         strict_models: reject txt2img whose ``model_name`` is not a catalogue checkpoint.
@@ -135,7 +136,7 @@ class NovitaEmulator:
         envelope: bool = False,
         latency: float = 0.0,
         not_found_for: float = 0.0,
-        report_eta: bool = True,
+        report_eta: bool | Literal["whole"] = True,
         images_per_minute: float | None = None,
         models: Iterable[Mapping[str, Any]] | None = None,
         strict_models: bool = False,

@@ -7,9 +7,10 @@ the task's ``started_at``/``completed_at``, so nothing runs in the background.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import attrs
 
@@ -189,7 +190,7 @@ def result_body(
     task: EmulatedTask,
     now: float,
     *,
-    report_eta: bool,
+    report_eta: bool | Literal["whole"],
     image_url_ttl: float,
     image_url: Callable[[str, str], str],
     epoch_ms: Callable[[float], str],
@@ -207,6 +208,8 @@ def result_body(
     eta = 0.0
     if report_eta and status not in TERMINAL:
         eta = round(task.completed_at - now, 3)
+        if report_eta == "whole":  # whole seconds left, rounded up
+            eta = float(math.ceil(eta))
     images = []
     if status is TaskStatus.SUCCEED:
         expires = f"{task.completed_at + image_url_ttl:.3f}"
