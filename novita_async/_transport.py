@@ -71,6 +71,8 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 #: API answers larger than this are malformed (a task-result is a few kB).
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: Requests in flight at most on httpx's own pool (see ``Transport._in_flight_cap``).
+HTTPX_POOL_IN_FLIGHT = 24
 #: 429 answers one POST may get (each slows the pacing down) before it is an error.
 RATE_LIMIT_ATTEMPTS = 10
 
@@ -510,6 +512,15 @@ class Transport:
             self._http = self._owned_client(_default_transport(self.max_connections))
         return self._http
 
+    def _in_flight_cap(self) -> int:
+        """Requests in flight at most: the pool's size; on httpx's own pool (the default on
+        trio), whose CPU cost per request grows with the requests it holds, at most
+        ``HTTPX_POOL_IN_FLIGHT`` (the default polls plus a batch's submissions)."""
+        self.http  # noqa: B018  (made now: which pool it is depends on the running backend)
+        if self._given_transport is None and self._owns_client and self.transport_name == "httpx":
+            return min(self.max_connections, HTTPX_POOL_IN_FLIGHT)
+        return self.max_connections
+
     def _owned_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             verify=_default_ssl_context() if transport is None else True,
@@ -623,7 +634,7 @@ class Transport:
         failures = rate_limited = 0
         slots = self._in_flight
         if slots is None:
-            slots = self._in_flight = anyio.CapacityLimiter(self.max_connections)
+            slots = self._in_flight = anyio.CapacityLimiter(self._in_flight_cap())
         while True:
             error: NovitaError
             if attempts is None:

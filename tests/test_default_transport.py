@@ -51,3 +51,25 @@ async def test_a_refused_connection_is_retried_on_the_default_transport() -> Non
             with pytest.raises(APIConnectionError) as caught:
                 await client.submit_txt2img(REQUEST)
     assert not isinstance(caught.value, SubmissionUncertainError)
+
+
+async def test_httpx_pool_default_keeps_few_requests_in_flight(anyio_backend: str) -> None:
+    """httpx's own pool costs more CPU per request the more it holds: on trio (where it is
+    the default) the client lets at most 24 requests into it, however many calls wait."""
+    emu = NovitaEmulator(durations=0.02, latency=0.05)
+    most = 0
+
+    async with emu.serve() as server, emu.client(base_url=server.base_url, transport=None) as c:
+
+        async def submit() -> None:
+            nonlocal most
+            await c.submit_txt2img(REQUEST)
+            slots = c._transport._in_flight
+            assert slots is not None
+            most = max(most, int(slots.total_tokens))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(60):
+                tg.start_soon(submit)
+    assert emu.submissions == 60
+    assert most == (64 if anyio_backend == "asyncio" else 24)
