@@ -185,8 +185,9 @@ class Learner:
     def next_poll(self, elapsed: float, cost: float | None) -> float | None:
         """After an unfinished answer without eta, ``elapsed`` s after submission:
         seconds after submission to poll next, from the durations of the tasks
-        that took longer. ``None`` when nothing is known or the task is slower
-        than almost every sample.
+        that took longer: their ``first_poll_quantile``, but at most
+        ``latency_budget`` after their 5 % quantile (and after now). ``None`` when
+        nothing is known or the task is slower than almost every sample.
         """
         if not self.warm:
             return None
@@ -194,7 +195,11 @@ class Learner:
         done = model.done_by(elapsed)
         if done >= _TAIL:
             return None
-        return model.at(done + (1 - done) * self.quantile)
+        offset = model.at(done + (1 - done) * self.quantile)
+        if self.latency_budget is not None:
+            soonest = max(model.at(done + (1 - done) * _GUARD_QUANTILE), elapsed)
+            offset = min(offset, soonest + self.latency_budget)
+        return offset
 
     def wants_probe(self) -> bool:
         return self.eta_supported is not False and self.probes_out + len(self.raw) < self.warmup

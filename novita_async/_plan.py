@@ -424,9 +424,7 @@ class Planner:
         offset = self.learner.next_poll(now - entry.submitted_at, entry.cost)
         if offset is None:
             return None
-        delay = entry.submitted_at + offset - now
-        budget = self.policy.latency_budget
-        return delay if budget is None else min(delay, budget)
+        return entry.submitted_at + offset - now
 
     def failed(self, entry: Entry, exc: Exception) -> Outcome:
         now = anyio.current_time()
