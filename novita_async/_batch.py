@@ -58,11 +58,19 @@ from ._errors import (
     NovitaError,
     PermissionDeniedError,
 )
-from ._journal import AsyncJournal, Journal, as_async_journal, replay, request_key
+from ._journal import (
+    AsyncJournal,
+    Journal,
+    JournalError,
+    as_async_journal,
+    replay,
+    request_key,
+)
 from ._models import TASK_REQUESTS, Extra, Task, TaskResult, TaskStatus, Txt2ImgRequest
 from ._models import check_submission as _check
 from ._poller import PollHint
 from ._ratelimit import WeightedRateLimiter
+from ._submit import JournalStepFailed
 from ._task_errors import SubmissionUncertainError, TaskFailedError, TaskTimeoutError
 
 if TYPE_CHECKING:
@@ -253,18 +261,24 @@ class _Engine:
         if journal is None:
             await self._work()
             return
-        await journal.open()
         try:
+            await journal.open()
             await self._replay(journal)
             keepalive = getattr(journal, "keepalive", None)
             async with anyio.create_task_group() as outer:
                 if keepalive is not None:  # a leased journal renews its lease meanwhile
-                    outer.start_soon(keepalive)
+                    outer.start_soon(self._keepalive, keepalive)
                 await self._work()
                 outer.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await journal.aclose()
+
+    async def _keepalive(self, keepalive: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await keepalive()
+        except Exception as exc:  # the lease is lost: no write may follow
+            self._fail(exc)
 
     async def _work(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -376,6 +390,14 @@ class _Engine:
                     journal=self.journal,
                     index=entry.index,
                 )
+            except JournalStepFailed as exc:  # the run stops; a paid task stays pending
+                if exc.task_id is not None:
+                    entry.task_id = exc.task_id
+                    self.waiting[entry.index] = entry
+                    self.submitted += 1
+                raise exc.cause from None
+            except JournalError:  # writing a refusal failed: the run stops
+                raise
             except NovitaError as exc:  # refused, uncertain, retries ran out: an item
                 if isinstance(exc, (AuthenticationError, PermissionDeniedError)) or (
                     isinstance(exc, APIConnectionError) and not self.submitted

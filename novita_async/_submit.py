@@ -40,7 +40,7 @@ from ._transport import Decision, Transport, Uncertain
 if TYPE_CHECKING:
     from ._journal import AsyncJournal
 
-__all__ = ["RateLimiter", "Submitter"]
+__all__ = ["JournalStepFailed", "RateLimiter", "Submitter"]
 
 logger = logging.getLogger("novita_async")
 
@@ -53,6 +53,17 @@ class RateLimiter(Protocol):
     def refund(self, admission: Any) -> None: ...
 
     def on_rate_limited(self, retry_after: float | None = None, admission: Any = None) -> None: ...
+
+
+class JournalStepFailed(Exception):
+    """The journal failed around a POST (so the run must stop); ``task_id``: the task
+    the POST created, if it was answered. Not a :class:`NovitaError`, so the request
+    loop never takes it for an answer of the API."""
+
+    def __init__(self, cause: Exception, *, task_id: str | None) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.task_id = task_id
 
 
 class _Attempts:
@@ -84,11 +95,17 @@ class _Attempts:
 
     async def sending(self) -> None:
         if self.journal is not None:
-            await self.journal.mark_submitting(self.index)
+            try:
+                await self.journal.mark_submitting(self.index)
+            except Exception as exc:  # not an answer of the API: nothing was sent
+                raise JournalStepFailed(exc, task_id=None) from exc
 
     async def accepted(self, task_id: str) -> None:
         if self.journal is not None:
-            await self.journal.mark_submitted(self.index, task_id)
+            try:
+                await self.journal.mark_submitted(self.index, task_id)
+            except Exception as exc:  # the task exists (and is billed): keep its id
+                raise JournalStepFailed(exc, task_id=task_id) from exc
 
     async def refused(self, error: NovitaError, decision: Decision) -> float | None:
         """Account for a failed attempt; a delay that replaces the backoff, or None."""
