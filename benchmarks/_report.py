@@ -48,7 +48,7 @@ def machine_facts() -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "packages": versions,
-        "library": f"{where} at {_git_state(where)}" if where else "not found",
+        "library": f"commit {_git_state(where)}" if where else "not found",
     }
 
 
