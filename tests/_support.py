@@ -14,6 +14,8 @@ from typing import Any
 
 import anyio
 import httpx
+from anyio.abc import Process
+from anyio.streams.text import TextReceiveStream
 
 from novita_async import Extra, Txt2ImgRequest
 from novita_async.testing import API_BASE_URL, DEFAULT_API_KEY, NovitaEmulator
@@ -169,3 +171,32 @@ async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.005)
+
+
+class JsonLinesChild:
+    """A child process of a test that prints one JSON object a line: its lines as they
+    arrive (read by ``_read_stdout``/``_read_stderr`` in the caller's task group)."""
+
+    step_timeout = 20.0  # seconds for any single wait
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.lines: list[dict[str, Any]] = []
+        self.stderr = ""
+
+    async def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        buffer = ""
+        async for chunk in TextReceiveStream(self.process.stdout):
+            buffer += chunk
+            *complete, buffer = buffer.split("\n")
+            self.lines.extend(json.loads(line) for line in complete if line.strip())
+
+    async def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in TextReceiveStream(self.process.stderr):
+            self.stderr += chunk
+
+    async def wait(self) -> int:
+        with anyio.fail_after(self.step_timeout):
+            return await self.process.wait()

@@ -25,7 +25,6 @@ and the journal agrees with the emulator.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections import Counter
@@ -36,8 +35,7 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import Process
-from anyio.streams.text import TextReceiveStream
+from _support import JsonLinesChild
 
 from novita_async import Journal, JournalError, JournalRecord
 from novita_async.testing import NovitaEmulator
@@ -59,13 +57,8 @@ def prompt(index: int) -> str:
     return f"crash prompt {index:02d}"
 
 
-class Child:
+class Child(JsonLinesChild):
     """A running tests/_crash_batch.py: its JSON lines, as they arrive."""
-
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        self.lines: list[dict[str, Any]] = []
-        self.stderr = ""
 
     def items(self) -> dict[int, dict[str, Any]]:
         found: dict[int, dict[str, Any]] = {}
@@ -74,23 +67,6 @@ class Child:
                 assert line["index"] not in found, f"item {line['index']} delivered twice"
                 found[line["index"]] = line
         return found
-
-    async def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        buffer = ""
-        async for chunk in TextReceiveStream(self.process.stdout):
-            buffer += chunk
-            *complete, buffer = buffer.split("\n")
-            self.lines.extend(json.loads(line) for line in complete if line.strip())
-
-    async def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in TextReceiveStream(self.process.stderr):
-            self.stderr += chunk
-
-    async def wait(self) -> int:
-        with anyio.fail_after(STEP_TIMEOUT):
-            return await self.process.wait()
 
 
 @asynccontextmanager

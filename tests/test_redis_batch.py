@@ -30,7 +30,6 @@ Each test takes a few seconds; every wait is bounded.
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,8 +42,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 from _redis_server import RedisServer
-from anyio.abc import Process
-from anyio.streams.text import TextReceiveStream
+from _support import JsonLinesChild
 
 from novita_async import JournalError, JournalRecord, SubmissionUncertainError, Txt2ImgRequest
 from novita_async.redis import RedisJournal
@@ -79,13 +77,8 @@ def tasks_per_prompt(emu: NovitaEmulator) -> Counter[str]:
     return Counter(task.request["prompt"] for task in emu.tasks.values())
 
 
-class Child:
+class Child(JsonLinesChild):
     """A running tests/_redis_batch_child.py: its JSON lines as they arrive, its stdin."""
-
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        self.lines: list[dict[str, Any]] = []
-        self.stderr = ""
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [line for line in self.lines if line["event"] == kind]
@@ -114,23 +107,6 @@ class Child:
         """Close its stdin: an ``--on-go`` child exits after its current run."""
         assert self.process.stdin is not None
         await self.process.stdin.aclose()
-
-    async def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        buffer = ""
-        async for chunk in TextReceiveStream(self.process.stdout):
-            buffer += chunk
-            *complete, buffer = buffer.split("\n")
-            self.lines.extend(json.loads(line) for line in complete if line.strip())
-
-    async def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in TextReceiveStream(self.process.stderr):
-            self.stderr += chunk
-
-    async def wait(self) -> int:
-        with anyio.fail_after(STEP_TIMEOUT):
-            return await self.process.wait()
 
 
 @asynccontextmanager
