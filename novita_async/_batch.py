@@ -43,7 +43,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -227,7 +227,7 @@ class _Engine:
 
     # ----------------------------------------------------------------- the task
 
-    def start(self, host: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
+    def start(self, host: Callable[[Callable[[], Coroutine[Any, Any, None]]], None]) -> None:
         """Schedule :meth:`run` in the client's task group (once)."""
         if self.state is BatchState.NEW:
             host(self.run)
@@ -487,7 +487,7 @@ class BatchRun:
     def __init__(
         self,
         engine: _Engine,
-        start: Any,
+        start: Callable[[Callable[[], Coroutine[Any, Any, None]]], None],
     ) -> None:
         self._engine = engine
         self._start = start  # schedules engine.run() in the client's task group
