@@ -110,7 +110,7 @@ class PollStats:
     """Live counters of a :class:`PollScheduler` (read them, don't write them).
 
     ``polls_total`` counts GETs sent, ``polls_cancelled`` those cut short (a
-    dropped task, a hand-off); ``polls_by_task`` counts answered polls of the
+    dropped task, the loop stopping); ``polls_by_task`` counts answered polls of the
     tasks being tracked right now; ``poll_histogram`` maps "answered polls a
     finished task needed" to a task count. ``ticks`` counts scheduler ticks
     that started polls (``max_polls_per_tick``: the most one tick started).
