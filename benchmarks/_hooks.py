@@ -1,4 +1,6 @@
-"""Webhook-driven waits against polling alone (issue #12), in ONE process.
+"""Webhook-driven waits against polling alone (issue #12): in-process and loopback.
+
+``delivery: in-process`` (:func:`run_webhooks`): everything in ONE process.
 
 The emulator runs in-process (``emu.client()``'s transport, no sockets) and
 delivers webhooks in-process: its sender's ``deliver`` callable hands each body
@@ -12,6 +14,17 @@ Measured: task-result GETs per task (the emulator's count), added latency after
 the first genuine delivery (and after completion, for every task: the lost
 ones end by the scheduler's safety-net poll), every prompt delivered, no forged
 image or early result, and zero GETs for the random ids.
+
+``delivery: loopback`` (:func:`run_webhooks_loopback`): the emulator runs in its
+own process (``_server.py --webhooks``) and POSTs deliveries over HTTP to a
+receiver in this process, which hands each body to ``client.receive_webhook``:
+``receiver: cli`` is the CLI's ``WebhookReceiver`` (answers 204 and closes: one
+connection per delivery; both backends), ``receiver: aiohttp`` a minimal
+aiohttp route (keep-alive, 204 after the handler; asyncio only). The emulator
+also posts the forgeries, on
+the parent's ``forge`` command as the meter starts. This process reports its
+delivery stamps and results; the parent sets them against the emulator's
+counters and first-delivery stamps (``_report.merge_loopback``).
 """
 
 from __future__ import annotations
@@ -23,10 +36,10 @@ import uuid
 from typing import Any
 
 import anyio
-from _harness import Meter, jsonable_stats
+from _harness import EMULATOR_KEY, Meter, jsonable_stats
 from _workloads import duration_for
 
-__all__ = ["FORGED_HOST", "run_webhooks"]
+__all__ = ["FORGED_HOST", "run_webhooks", "run_webhooks_loopback"]
 
 URL = "https://bench.invalid/novita-hook"
 FORGED_HOST = "forged.invalid"
@@ -138,3 +151,103 @@ async def run_webhooks(job: dict[str, Any]) -> dict[str, Any]:
         "scheduler_stats": stats,
         **meter.as_dict(),
     }
+
+
+async def run_webhooks_loopback(job: dict[str, Any]) -> dict[str, Any]:
+    from novita_async import AsyncNovita, Txt2ImgRequest
+    from novita_async._cli_webhooks import WebhookReceiver
+
+    hooks_on = job["webhooks"]
+    stamps: dict[str, float] = {}
+    warm_ids: list[str] = []
+    forged_images = 0
+    failures = 0
+    meter = Meter()
+    clients: list[Any] = []  # the receiver binds first (its port is the URL), then the client
+
+    arrived: dict[str, float] = {}  # task_id -> when its first genuine body got here
+
+    async def deliver(body: bytes) -> object:
+        if FORGED_HOST.encode() not in body:
+            now = time.monotonic()
+            arrived.setdefault(json.loads(body)["payload"]["task"]["task_id"], now)
+        return await clients[0].receive_webhook(body)
+
+    if job.get("receiver") == "aiohttp":
+        receiver: Any = await _AiohttpReceiver.bind(deliver)
+    else:
+        receiver = await WebhookReceiver.bind("127.0.0.1", 0, deliver)
+    url = f"http://127.0.0.1:{receiver.port}/novita-hook"
+    kwargs = {"webhook_url": url} if hooks_on else {}
+    client = AsyncNovita(EMULATOR_KEY, base_url=job["base_url"], **kwargs)
+    clients.append(client)
+
+    async def batch(reqs: list[Any], measured: bool) -> None:
+        nonlocal failures, forged_images
+        async with client.txt2img_many(reqs) as run:
+            async for item in run:
+                if not measured:
+                    warm_ids.append(item.task_id)
+                    continue
+                if item.error is not None or item.task_id is None:
+                    failures += 1
+                    continue
+                stamps[item.task_id] = time.monotonic()
+                images = item.result.images
+                forged_images += sum(FORGED_HOST in image.image_url for image in images)
+
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(receiver.serve)
+        if job.get("warmup"):
+            await batch([Txt2ImgRequest(**r) for r in job["warmup"]], False)
+        reqs = [Txt2ImgRequest(**r) for r in job["requests"]]
+        with meter:  # the parent sends the emulator ``forge`` as this prints "measuring"
+            await batch(reqs, True)
+        stats = jsonable_stats(client.scheduler.stats)
+        tg.cancel_scope.cancel()
+    return {
+        "webhooks": hooks_on,
+        "stamps": stamps,
+        "arrived": arrived,
+        "warm_ids": warm_ids,
+        "failures": failures,
+        "forged_images_in_results": forged_images,
+        "receiver_counts": {"delivered": receiver.delivered, "refused": receiver.refused},
+        "scheduler_stats": stats,
+        **meter.as_dict(),
+    }
+
+
+class _AiohttpReceiver:
+    """A minimal aiohttp route (asyncio only): keeps connections alive, answers 204."""
+
+    def __init__(self, runner: Any, port: int) -> None:
+        self.runner, self.port = runner, port
+        self.delivered = 0
+        self.refused = 0
+
+    @classmethod
+    async def bind(cls, deliver: Any) -> _AiohttpReceiver:
+        from aiohttp import web
+
+        async def route(request: web.Request) -> web.Response:
+            body = await request.read()
+            receiver.delivered += 1
+            await deliver(body)
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/novita-hook", route)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        receiver = cls(runner, site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return receiver
+
+    async def serve(self) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.runner.cleanup()

@@ -53,12 +53,23 @@ class Emulator:
     def stats(self) -> dict[str, Any]:
         return self._ask("stats")
 
+    def forge(self, count: int) -> None:
+        """Start posting ``count`` forgeries for running tasks and ``count`` for random ids."""
+        self._ask(f"forge {count}")
+
 
 @contextmanager
-def emulator(durations: str, seed: int, *, eta: str = "zero") -> Iterator[Emulator]:
-    """An emulator process serving the ``durations`` model with ``eta`` reporting."""
+def emulator(
+    durations: str, seed: int, *, eta: str = "zero", webhooks: dict[str, Any] | None = None
+) -> Iterator[Emulator]:
+    """An emulator process serving the ``durations`` model with ``eta`` reporting.
+
+    ``webhooks``: deliver webhooks over HTTP (``emu.webhooks()``'s keyword arguments).
+    """
     command = [sys.executable, str(HERE / "_server.py"), "--durations", durations]
     command += ["--seed", str(seed), "--eta", eta]
+    if webhooks is not None:
+        command += ["--webhooks", json.dumps(webhooks)]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     watchdog = threading.Timer(30.0, proc.kill)  # start-up only
     watchdog.start()

@@ -3,7 +3,10 @@
 A *spec* is a flat dict: ``section``, ``kind`` (``library`` | ``loop`` |
 ``webhooks``), ``workload`` (a ``_workloads.WORKLOADS`` name), ``form`` or
 ``client``, ``backend``, ``tasks``, ``warmup`` (tasks a warm client ran first),
-``policy`` (``PollPolicy`` overrides; only the trade-off sweep sets any).
+``policy`` (``PollPolicy`` overrides; only the trade-off sweep sets any);
+webhook specs add ``delivery`` (``in-process`` | ``loopback``), ``receiver``
+(loopback: ``aiohttp`` | ``cli``), ``webhooks``
+(on, or polling alone), ``forged``, ``duplicate_rate`` and ``loss_rate``.
 The transport micro-benchmark has its own list (:func:`micro_plan`).
 """
 
@@ -89,18 +92,24 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
                 )
             out += [_spec("curve", w, z.curve, kind="loop", client=c) for c in LOOPS]
     if "webhooks" in sections:
-        for hooks, backend, warm in (
-            (True, "asyncio", 0),
-            (True, "asyncio", z.warmup),
-            (True, "trio", z.warmup),
-            (False, "asyncio", z.warmup),
-        ):
+        # (delivery, receiver, webhooks on, backend, warm-up): loopback receivers are a
+        # minimal aiohttp route (keep-alive; asyncio only) or the CLI's ``WebhookReceiver``
+        # (one connection per delivery; both backends).
+        cases = [("in-process", None, True, "asyncio", 0)]
+        cases += [("in-process", None, True, b, z.warmup) for b in ("asyncio", "trio")]
+        cases += [("in-process", None, False, "asyncio", z.warmup)]
+        cases += [("loopback", "aiohttp", True, "asyncio", w) for w in (0, z.warmup)]
+        cases += [("loopback", "cli", True, b, z.warmup) for b in ("asyncio", "trio")]
+        cases += [("loopback", "aiohttp", False, "asyncio", z.warmup)]
+        for delivery, receiver, hooks, backend, warm in cases:
             out.append(
                 _spec(
                     "webhooks",
                     "affine",
                     z.webhooks,
                     kind="webhooks",
+                    delivery=delivery,
+                    receiver=receiver,
                     backend=backend,
                     warmup=warm,
                     webhooks=hooks,

@@ -12,7 +12,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["END", "START", "machine_facts", "pct", "summarize", "summarize_hooks", "write_readme"]
+__all__ = [
+    "END",
+    "START",
+    "machine_facts",
+    "merge_loopback",
+    "pct",
+    "summarize",
+    "summarize_hooks",
+    "write_readme",
+]
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 _PACKAGES = (
@@ -134,6 +143,36 @@ def summarize_hooks(spec: dict[str, Any], worker: dict[str, Any]) -> dict[str, A
         failures=worker["failures"] + worker["tasks"] - worker["delivered"],
     )
     return out
+
+
+def merge_loopback(worker: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """A loopback webhook job's client and emulator sides, as ``run_webhooks`` reports."""
+    warm = set(worker.pop("warm_ids"))
+    stamps = worker.pop("stamps")
+    arrived = worker.pop("arrived", {})
+    tasks = {t: rec for t, rec in server["tasks"].items() if t not in warm}
+    hooks = server.get("webhooks") or {}
+    first = hooks.get("first_delivery", {})
+    done = {t: tasks[t]["completed_at"] for t in stamps if t in tasks}
+    lost = [stamps[t] - done[t] for t in done if t not in first]
+    transit = sorted(arrived[t] - first[t] for t in arrived if t in first)
+    return {
+        **worker,
+        "tasks": len(tasks),
+        "delivered": len(stamps),
+        "gets_per_task": sum(rec["polls"] for rec in tasks.values()) / max(1, len(tasks)),
+        "gets_unknown_ids": hooks.get("gets_unknown_ids", 0),
+        "forged_running": len(hooks.get("forged_running", [])),
+        "forged_random": len(hooks.get("random_ids", [])),
+        "results_before_completion": sum(stamps[t] < done[t] for t in done),
+        "after_delivery": sorted(stamps[t] - first[t] for t in stamps if t in first),
+        "after_completion": sorted(stamps[t] - done[t] for t in done),
+        "lost_latencies": sorted(lost) if worker["webhooks"] else [],
+        "sender": hooks.get("sender", {}),
+        # the delivery's trip: the emulator's POST -> its body in the client's receiver
+        "transit_p50_s": pct(transit, 50),
+        "transit_p95_s": pct(transit, 95),
+    }
 
 
 def write_readme(readme: Path, body: str) -> None:

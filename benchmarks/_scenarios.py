@@ -7,7 +7,7 @@ result reached the caller) for the emulator's completion times to be set against
 
 Job kinds: ``library`` (``_forms``: a usage form on a backend), ``loop`` (the
 hand-written baselines of ``_naive``), ``micro`` (``_micro``), ``webhooks``
-(``_hooks``, emulator in this process).
+(``_hooks``: emulator in this process, or in its own for ``delivery: loopback``).
 """
 
 from __future__ import annotations
@@ -70,9 +70,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
         importlib.import_module("novita_async")
         if kind == "webhooks":
-            from _hooks import run_webhooks
+            from _hooks import run_webhooks, run_webhooks_loopback
 
-            return dict(anyio.run(run_webhooks, job, backend=job["backend"]))
+            loopback = job.get("delivery") == "loopback"
+            runner = run_webhooks_loopback if loopback else run_webhooks
+            return dict(anyio.run(runner, job, backend=job["backend"]))
         from _forms import run_library
 
         extra = anyio.run(run_library, job, deliveries, backend=job["backend"])

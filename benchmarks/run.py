@@ -9,7 +9,9 @@ Usage (from the repository root; ``nox -s bench`` runs the second line)::
 
 Every scenario gets a fresh emulator process (``_server.py``) and a fresh
 client process (``_scenarios.py``), so client CPU and peak RSS are the client's
-alone (the webhook scenarios run the emulator in-process: ``_hooks.py``).
+alone (the in-process webhook scenarios run the emulator in the client's
+process; the loopback ones deliver over HTTP from the emulator process:
+``_hooks.py``).
 Added latency compares the emulator's completion instant with the client's
 delivery stamp; both are ``time.monotonic()`` (CLOCK_MONOTONIC, system-wide on
 Linux, so comparable across the two processes). A scenario that fails or
@@ -33,7 +35,13 @@ sys.path.insert(0, str(HERE))
 
 from _jobs import JobError, emulator, run_worker  # noqa: E402
 from _plan import SECTIONS, loop_deadline, micro_plan, plan, sizes, timeout_for  # noqa: E402
-from _report import machine_facts, summarize, summarize_hooks, write_readme  # noqa: E402
+from _report import (  # noqa: E402
+    machine_facts,
+    merge_loopback,
+    summarize,
+    summarize_hooks,
+    write_readme,
+)
 from _tables import render  # noqa: E402
 from _workloads import WORKLOADS, request_dicts  # noqa: E402
 
@@ -54,8 +62,20 @@ def run_scenario(spec: dict[str, Any], seed: int) -> dict[str, Any]:
         "durations": workload.durations,
         "deadline": loop_deadline(spec),
     }
-    if spec["kind"] == "webhooks":
+    if spec["kind"] == "webhooks" and spec.get("delivery") != "loopback":
         return summarize_hooks(spec, run_worker(job, timeout_for(spec)))
+    if spec["kind"] == "webhooks":  # the emulator in its own process, delivering over HTTP
+        options = {"delay": [0.05, 0.2], "duplicate_rate": spec["duplicate_rate"]}
+        options["loss_rate"] = spec["loss_rate"]
+        with emulator(workload.durations, seed, eta=workload.eta, webhooks=options) as hooks:
+            job["base_url"] = hooks.base_url
+
+            def measuring() -> None:
+                if spec["webhooks"]:
+                    hooks.forge(spec["forged"])
+
+            worker = run_worker(job, timeout_for(spec), measuring)
+            return summarize_hooks(spec, merge_loopback(worker, hooks.stats()))
     with emulator(workload.durations, seed, eta=workload.eta) as emu:
         marks: list[float] = []
         job["base_url"] = emu.base_url
@@ -105,7 +125,8 @@ def _line(row: dict[str, Any]) -> str:
         head += " " + ",".join(f"{k}={v}" for k, v in row["policy"].items())
     if row["kind"] == "webhooks":
         return (
-            f"{head} webhooks={row['webhooks']}: GETs/task {row['gets_per_task']:.2f}, "
+            f"{head} {row.get('delivery', 'in-process')} webhooks={row['webhooks']}: "
+            f"GETs/task {row['gets_per_task']:.2f}, "
             f"p95 after delivery {row['after_delivery_p95_s']:.2f} s, after completion "
             f"{row['after_completion_p95_s']:.2f} s, failures {row['failures']}, "
             f"wall {row['wall_s']:.1f} s"
