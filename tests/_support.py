@@ -8,9 +8,10 @@ Fixtures live in conftest.py.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -200,3 +201,28 @@ class JsonLinesChild:
     async def wait(self) -> int:
         with anyio.fail_after(self.step_timeout):
             return await self.process.wait()
+
+
+ChildT = TypeVar("ChildT", bound=JsonLinesChild)
+
+
+@asynccontextmanager
+async def run_child(command: list[str], kind: type[ChildT]) -> AsyncIterator[ChildT]:
+    """Run ``command`` as a :class:`JsonLinesChild` subclass for the block; it is killed if
+    still running at the end, and its stderr is printed if the block fails."""
+    process = await anyio.open_process(command)
+    running = kind(process)
+    try:
+        async with process, anyio.create_task_group() as readers:
+            readers.start_soon(running._read_stdout)
+            readers.start_soon(running._read_stderr)
+            try:
+                yield running
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+    except BaseException:
+        print(f"child stderr:\n{running.stderr}", file=sys.stderr)
+        raise

@@ -35,7 +35,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _support import JsonLinesChild
+from _support import JsonLinesChild, run_child
 
 from novita_async import Journal, JournalError, JournalRecord
 from novita_async.testing import NovitaEmulator
@@ -86,22 +86,8 @@ async def child(base_url: str, api_key: str, journal: Path, *extra: str) -> Asyn
         str(CONCURRENCY),
         *extra,
     ]
-    process = await anyio.open_process(command)
-    running = Child(process)
-    try:
-        async with process, anyio.create_task_group() as readers:
-            readers.start_soon(running._read_stdout)
-            readers.start_soon(running._read_stderr)
-            try:
-                yield running
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                with anyio.CancelScope(shield=True):
-                    await process.wait()
-    except BaseException:
-        print(f"child stderr:\n{running.stderr}", file=sys.stderr)
-        raise
+    async with run_child(command, Child) as running:
+        yield running
 
 
 async def wait_for(condition: Callable[[], bool], what: str) -> None:

@@ -42,7 +42,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 from _redis_server import RedisServer
-from _support import JsonLinesChild
+from _support import JsonLinesChild, run_child
 
 from novita_async import JournalError, JournalRecord, SubmissionUncertainError, Txt2ImgRequest
 from novita_async.redis import RedisJournal
@@ -131,22 +131,8 @@ async def child(
         "--lease", str(lease),
         *extra,
     ]  # fmt: skip
-    process = await anyio.open_process(command)
-    running = Child(process)
-    try:
-        async with process, anyio.create_task_group() as readers:
-            readers.start_soon(running._read_stdout)
-            readers.start_soon(running._read_stderr)
-            try:
-                yield running
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                with anyio.CancelScope(shield=True):
-                    await process.wait()
-    except BaseException:
-        print(f"child stderr:\n{running.stderr}", file=sys.stderr)
-        raise
+    async with run_child(command, Child) as running:
+        yield running
 
 
 async def wait_for(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
