@@ -49,7 +49,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._errors import (
     APIConnectionError,
@@ -83,6 +85,9 @@ logger = logging.getLogger("novita_async")
 
 #: Default number of POSTs in flight (lowered to fit the connection pool).
 DEFAULT_CONCURRENT_SUBMISSIONS = 8
+#: Finished items handed out in a row from the buffer before the iterator lets the
+#: event loop run (each ``__anext__`` is still a cancellation point).
+_BURST = 32
 _SHOWN_IDS = 20
 
 
@@ -492,6 +497,7 @@ class BatchRun:
         self._engine = engine
         self._start = start  # schedules engine.run() in the client's task group
         self._delivered = 0
+        self._burst = 0  # items handed out in a row without yielding to the event loop
         finalizer = weakref.finalize(self, _dropped, engine)
         finalizer.atexit = False
 
@@ -579,7 +585,7 @@ class BatchRun:
         self._ensure_started()
         engine = self._engine
         try:
-            item = await engine.receive.receive()
+            item = await self._receive(engine.receive)
         except anyio.get_cancelled_exc_class():  # the consuming task is cancelled: stop
             await self.aclose()
             raise
@@ -591,6 +597,23 @@ class BatchRun:
         engine.undelivered.pop(item.index, None)
         self._delivered += 1
         return item
+
+    async def _receive(self, receive: MemoryObjectReceiveStream[BatchItem]) -> BatchItem:
+        """The next item. One already finished is handed out at once (after a
+        cancellation check), up to ``_BURST`` in a row: ``receive()`` yields to the
+        event loop first, so a busy loop drained a burst of N items in N turns of it
+        (100 items waited 0.5 s in the webhooks benchmark)."""
+        if self._burst < _BURST:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                item = receive.receive_nowait()
+            except anyio.WouldBlock:
+                pass
+            else:
+                self._burst += 1
+                return item
+        self._burst = 0
+        return await receive.receive()
 
 
 def make_limiter(
