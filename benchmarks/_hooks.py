@@ -18,8 +18,8 @@ image or early result, and zero GETs for the random ids.
 ``delivery: loopback`` (:func:`run_webhooks_loopback`): the emulator runs in its
 own process (``_server.py --webhooks``) and POSTs deliveries over HTTP to a
 receiver in this process, which hands each body to ``client.receive_webhook``:
-``receiver: cli`` is the CLI's ``WebhookReceiver`` (answers 204 and closes: one
-connection per delivery; both backends), ``receiver: aiohttp`` a minimal
+``receiver: cli`` is the CLI's ``WebhookReceiver`` (204 before the handler runs,
+keep-alive; both backends), ``receiver: aiohttp`` a minimal
 aiohttp route (keep-alive, 204 after the handler; asyncio only). The emulator
 also posts the forgeries, on
 the parent's ``forge`` command as the meter starts. This process reports its

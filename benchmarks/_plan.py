@@ -94,7 +94,7 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
     if "webhooks" in sections:
         # (delivery, receiver, webhooks on, backend, warm-up): loopback receivers are a
         # minimal aiohttp route (keep-alive; asyncio only) or the CLI's ``WebhookReceiver``
-        # (one connection per delivery; both backends).
+        # (keep-alive; both backends).
         cases = [("in-process", None, True, "asyncio", 0)]
         cases += [("in-process", None, True, b, z.warmup) for b in ("asyncio", "trio")]
         cases += [("in-process", None, False, "asyncio", z.warmup)]

@@ -225,8 +225,8 @@ def _webhooks_table(rows: list[dict[str, Any]]) -> list[str]:
         "and POSTs each delivery (aiohttp, 64 connections) over HTTP to a receiver in the "
         "client's process that hands the body to `client.receive_webhook`: a minimal aiohttp "
         "route (keep-alive; asyncio only) or the CLI's `WebhookReceiver` (`--webhook-listen`: "
-        "answers 204 and closes, so one TCP connection per delivery). Transit: the emulator's "
-        "POST to the body reaching the receiver's handler. "
+        "answers 204 at once, hands the body over in a task of its own; keep-alive). "
+        "Transit: the emulator's POST to the body reaching the receiver's handler. "
         "Deliveries come U(0.05, 0.25) s after a task ends; 20 % duplicated, 5 % lost; forged "
         '"succeeded" deliveries for running tasks and for random ids, images on '
         "`forged.invalid` (loopback: the emulator process posts them as the measured batch "
@@ -262,7 +262,9 @@ def _webhooks_table(rows: list[dict[str, Any]]) -> list[str]:
 def _transport_key(name: str | None) -> str | None:
     if not name:
         return None
-    return "httpx-aiohttp" if "aiohttp" in name else "httpx" if name.startswith("httpx.") else None
+    if "aiohttp" in name:
+        return "httpx-aiohttp"
+    return "httpx" if name == "httpx" or name.startswith("httpx.") else None
 
 
 def _transport_tables(results: dict[str, Any]) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio
@@ -179,14 +179,19 @@ async def test_a_listen_address_in_use_is_a_usage_error(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def receiver(timeout: float = 10.0) -> AsyncIterator[tuple[WebhookReceiver, list[bytes]]]:
+async def receiver(
+    timeout: float = 10.0, keepalive: float = 60.0
+) -> AsyncIterator[tuple[WebhookReceiver, list[bytes]]]:
+    """A receiver on a free port; ``keepalive`` outlasts the test, so none waits on it."""
     bodies: list[bytes] = []
 
     async def deliver(body: bytes) -> None:
         bodies.append(body)
 
     with anyio.fail_after(30):
-        hooks = await WebhookReceiver.bind("127.0.0.1", 0, deliver, timeout=timeout)
+        hooks = await WebhookReceiver.bind(
+            "127.0.0.1", 0, deliver, timeout=timeout, keepalive=keepalive
+        )
         async with anyio.create_task_group() as group:
             group.start_soon(hooks.serve)
             yield hooks, bodies
@@ -203,6 +208,31 @@ async def exchange(port: int, data: bytes) -> bytes:
                 answer += await stream.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             return answer
+
+
+def post(body: bytes, *headers: str) -> bytes:
+    head = ["POST /hook HTTP/1.1", "Host: x", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def answers(stream: anyio.abc.SocketStream, count: int) -> list[bytes]:
+    """Read ``count`` answers (heads only: the receiver's answers have no body)."""
+    data = b""
+    while data.count(b"\r\n\r\n") < count:
+        data += await stream.receive()
+    *heads, rest = data.split(b"\r\n\r\n")
+    assert rest == b""
+    return heads
+
+
+async def is_open(stream: anyio.abc.SocketStream) -> bool:
+    """True if the receiver neither closes nor sends anything for a moment."""
+    with (
+        anyio.move_on_after(0.1) as waited,
+        suppress(anyio.EndOfStream, anyio.BrokenResourceError),
+    ):
+        await stream.receive()
+    return waited.cancelled_caught
 
 
 async def wait_for(bodies: list[bytes], count: int) -> None:
@@ -259,7 +289,7 @@ async def test_the_receiver_refuses_what_is_not_a_delivery(
 ) -> None:
     async with receiver() as (hooks, bodies):
         answer = await exchange(hooks.port, request_bytes)
-        good = await exchange(hooks.port, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        good = await exchange(hooks.port, post(b"{}", "Connection: close"))
         await wait_for(bodies, 1)
     assert answer.split(b" ")[1] == status
     assert answer.endswith(b"\r\n\r\n")  # no body, then the connection closes
@@ -293,10 +323,134 @@ async def test_a_failing_handler_is_logged_and_the_receiver_goes_on(
         async with anyio.create_task_group() as group:
             group.start_soon(hooks.serve)
             for body in (b"1", b"2"):
-                head = b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\n" + body
-                assert (await exchange(hooks.port, head)).startswith(b"HTTP/1.1 204 ")
+                answer = await exchange(hooks.port, post(body, "Connection: close"))
+                assert answer.startswith(b"HTTP/1.1 204 ")
             while len(calls) < 2:
                 await anyio.sleep(0.01)
             group.cancel_scope.cancel()
     assert calls == [b"1", b"2"]
     assert "could not handle a webhook delivery: RuntimeError: relay down" in caplog.text
+
+
+# --------------------------------------------------------------------------- keep-alive
+
+
+@pytest.mark.anyio
+async def test_the_receiver_serves_several_deliveries_on_one_connection() -> None:
+    async with (
+        receiver() as (hooks, bodies),
+        await anyio.connect_tcp("127.0.0.1", hooks.port) as stream,
+    ):
+        for body in (b"1", b"22", b"333"):
+            await stream.send(post(body))
+            (answer,) = await answers(stream, 1)
+            assert answer == b"HTTP/1.1 204 No Content"  # no Connection: close
+            assert await is_open(stream)
+        await wait_for(bodies, 3)
+    assert bodies == [b"1", b"22", b"333"]
+    assert (hooks.delivered, hooks.refused, hooks.connections) == (3, 0, 1)
+
+
+@pytest.mark.anyio
+async def test_pipelined_requests_are_all_answered_and_delivered_in_order() -> None:
+    async with receiver() as (hooks, bodies):
+        # Both requests in one send: the second's bytes follow the first's body.
+        answer = await exchange(hooks.port, post(b'{"a": 1}') + post(b"[2]", "Connection: close"))
+        await wait_for(bodies, 2)
+    assert answer == (
+        b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    )
+    assert bodies == [b'{"a": 1}', b"[2]"]
+    assert (hooks.delivered, hooks.refused) == (2, 0)
+
+
+@pytest.mark.anyio
+async def test_a_refusal_after_a_delivery_still_closes_the_connection() -> None:
+    async with receiver() as (hooks, bodies):
+        answer = await exchange(hooks.port, post(b"ok") + b"GET / HTTP/1.1\r\n\r\n")
+        await wait_for(bodies, 1)
+    first, second = answer.split(b"\r\n\r\n", 1)
+    assert first == b"HTTP/1.1 204 No Content"
+    assert second.startswith(b"HTTP/1.1 405 ")
+    assert b"\r\nConnection: close\r\n" in second
+    assert bodies == [b"ok"]
+    assert (hooks.delivered, hooks.refused) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_an_idle_connection_is_closed_quietly_after_keepalive() -> None:
+    async with receiver(keepalive=0.2) as (hooks, bodies):
+        async with await anyio.connect_tcp("127.0.0.1", hooks.port) as stream:
+            await stream.send(post(b"{}"))
+            assert await answers(stream, 1) == [b"HTTP/1.1 204 No Content"]
+            began = anyio.current_time()
+            with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+                await stream.receive()
+            assert anyio.current_time() - began >= 0.15
+        # A client that closes between requests is not refused either.
+        async with await anyio.connect_tcp("127.0.0.1", hooks.port) as stream:
+            await stream.send(post(b"[]"))
+            assert await answers(stream, 1) == [b"HTTP/1.1 204 No Content"]
+        await wait_for(bodies, 2)
+        await anyio.sleep(0.05)
+    assert bodies == [b"{}", b"[]"]
+    assert (hooks.delivered, hooks.refused, hooks.connections) == (2, 0, 2)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        post(b"{}", "Connection: close"),
+        post(b"{}", "Connection: Keep-Alive, CLOSE"),
+        post(b"{}").replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n"),
+    ],
+)
+async def test_connection_close_and_http_1_0_are_answered_and_closed(
+    request_bytes: bytes,
+) -> None:
+    async with receiver() as (hooks, bodies):
+        with anyio.fail_after(5):  # not the idle timeout (60 s here)
+            answer = await exchange(hooks.port, request_bytes)
+        await wait_for(bodies, 1)
+    assert answer == b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    assert bodies == [b"{}"]
+    assert (hooks.delivered, hooks.refused) == (1, 0)
+
+
+@pytest.mark.anyio
+async def test_a_slow_handler_does_not_hold_up_the_connection() -> None:
+    bodies: list[bytes] = []
+    release = anyio.Event()
+
+    async def deliver(body: bytes) -> None:
+        bodies.append(body)
+        await release.wait()
+
+    with anyio.fail_after(10):
+        hooks = await WebhookReceiver.bind("127.0.0.1", 0, deliver)
+        async with anyio.create_task_group() as group:
+            group.start_soon(hooks.serve)
+            async with await anyio.connect_tcp("127.0.0.1", hooks.port) as stream:
+                for body in (b"1", b"2"):
+                    await stream.send(post(body))
+                    assert await answers(stream, 1) == [b"HTTP/1.1 204 No Content"]
+                await wait_for(bodies, 2)
+                assert hooks.delivered == 2
+                release.set()
+            group.cancel_scope.cancel()
+    assert bodies == [b"1", b"2"]
+
+
+@pytest.mark.anyio
+async def test_an_http_client_reuses_one_connection_for_many_deliveries() -> None:
+    async with receiver() as (hooks, bodies), httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{hooks.port}/novita/hook"
+        with anyio.fail_after(10):
+            for i in range(20):
+                response = await http.post(url, content=b"%d" % i)
+                assert response.status_code == 204
+            await wait_for(bodies, 20)
+    assert bodies == [b"%d" % i for i in range(20)]
+    assert 1 <= hooks.connections <= 2
+    assert (hooks.delivered, hooks.refused) == (20, 0)
