@@ -73,20 +73,24 @@ def decode_json(content: bytes | str, *, what: str = "response") -> Any:
         raise MalformedResponseError(f"{what} body is {problem}", body=raw[:2000]) from exc
 
 
+#: What ``_too_deep`` looks into, and the JSON scalars it skips with a cheap check first.
+_CONTAINERS = (dict, list, tuple, Mapping)
+_SCALARS = (str, int, float, type(None))
+
+
 def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
-    """Whether JSON-like ``value`` nests objects/lists more than ``limit`` levels (no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping):
-            children: Any = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
+    """Whether JSON-like ``value`` nests objects/lists more than ``limit`` levels (no
+    recursion): walked one level at a time, scalars dropped as each level is made."""
+    level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
+    depth = 1
+    while level:
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        below: list[Any] = []
+        for item in level:
+            below.extend(item.values() if isinstance(item, Mapping) else item)
+        level = [i for i in below if not isinstance(i, _SCALARS) and isinstance(i, _CONTAINERS)]
+        depth += 1
     return False
 
 

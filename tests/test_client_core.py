@@ -833,6 +833,28 @@ async def test_aclose_without_context_manager(api: respx.MockRouter) -> None:
     assert client._transport.http.is_closed
 
 
+async def test_no_cookie_an_answer_sets_is_ever_sent(anyio_backend: str) -> None:
+    """API calls (sent straight to the owned client's transport, past httpx's cookie
+    jar) and image downloads (through the owned httpx client) never send a cookie."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        cookie = {"Set-Cookie": "session=tracked; Path=/"}
+        if request.url.path == RESULT:
+            return httpx.Response(200, json=SPEC_RESULT_BODY, headers=cookie)
+        return httpx.Response(200, content=b"\x89PNG....", headers=cookie)
+
+    async with AsyncNovita(api_key=KEY, transport=httpx.MockTransport(handler)) as client:
+        for _ in range(2):
+            await client.get_task_result(TASK_ID)
+        for _ in range(2):
+            await client.download_image(f"{API}/files/image.png")
+            await client.download_image("https://images.example/out.png")
+    assert len(seen) == 6
+    assert all("cookie" not in request.headers for request in seen)
+
+
 async def test_user_http_client_is_used_and_left_open(api: respx.MockRouter) -> None:
     route = api.post(SUBMIT).mock(return_value=ok_submit())
     async with httpx.AsyncClient(timeout=httpx.Timeout(9.0)) as user_client:
