@@ -24,6 +24,7 @@ import math
 import platform
 import random
 import ssl
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal, Protocol, TypeVar
 
@@ -171,20 +172,21 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 def _default_transport(max_connections: int) -> httpx.AsyncBaseTransport | None:
-    """httpx-aiohttp on asyncio (a fraction of httpx's CPU per request), else None
-    (httpx's own pool: trio)."""
+    """httpx-aiohttp on asyncio (a fraction of httpx's CPU per request), else httpx's own
+    pool (trio); None where the environment sets proxies (``HTTPS_PROXY``, ...): httpx's
+    client then builds its pool and the proxies' itself, as it does for every httpx user."""
+    if urllib.request.getproxies():
+        return None
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return None
+        return httpx.AsyncHTTPTransport(verify=_default_ssl_context(), limits=limits)
     from httpx_aiohttp import AiohttpTransport
 
-    return AiohttpTransport(
-        verify=_default_ssl_context(),
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
-    )
+    return AiohttpTransport(verify=_default_ssl_context(), limits=limits)
 
 
 @functools.cache

@@ -73,3 +73,31 @@ async def test_httpx_pool_default_keeps_few_requests_in_flight(anyio_backend: st
                 tg.start_soon(submit)
     assert emu.submissions == 60
     assert most == (64 if anyio_backend == "asyncio" else 24)
+
+
+async def test_proxies_set_in_the_environment_are_used(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``HTTP_PROXY`` set (here to a closed loopback port) every request goes to
+    the proxy, on both backends; without it, straight to the API (httpx-aiohttp on
+    asyncio, httpx's pool on trio)."""
+    from novita_async import APIConnectionError
+
+    emu = NovitaEmulator(durations=0.02)
+    policy = RetryPolicy(max_retries=0)
+    async with emu.serve() as server:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+            for variable in (name, name.lower()):
+                monkeypatch.delenv(variable, raising=False)
+        async with emu.client(base_url=server.base_url, transport=None) as client:
+            await client.submit_txt2img(REQUEST)
+            assert client.transport_name != "not chosen yet"
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        with anyio.fail_after(10):
+            async with emu.client(
+                base_url=server.base_url, transport=None, retry_policy=policy
+            ) as client:
+                with pytest.raises(APIConnectionError):
+                    await client.submit_txt2img(REQUEST)
+                assert client.transport_name == "httpx"
+    assert emu.submissions == 1
