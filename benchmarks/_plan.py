@@ -20,7 +20,7 @@ from _forms import KNOB, KNOB_VALUES, KNOB_VALUES_QUICK
 __all__ = ["SECTIONS", "Sizes", "micro_plan", "plan", "sizes"]
 
 SECTIONS = ("workloads", "forms", "scale", "curve", "webhooks", "micro")
-FORM_WORKLOADS = ("uniform-eta", "uniform", "cost", "affine", "bursts")
+FORM_WORKLOADS = ("uniform-eta", "uniform", "cost", "affine", "affine-const", "bursts")
 CURVE_WORKLOADS = ("uniform", "affine")
 #: The hand-written httpx loop (slow when its pool collapses) runs on these only.
 NAIVE_WORKLOADS = ("uniform",)

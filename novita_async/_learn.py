@@ -182,19 +182,23 @@ class Learner:
             offset = min(offset, model.at(lo) + self.latency_budget)
         return max(offset, 0.0)
 
-    def next_poll(self, elapsed: float, cost: float | None) -> float | None:
+    def next_poll(self, elapsed: float, cost: float | None, *, tail: bool = True) -> float | None:
         """After an unfinished answer without eta, ``elapsed`` s after submission:
         seconds after submission to poll next, from the durations of the tasks
         that took longer: their ``first_poll_quantile``, but at most
-        ``latency_budget`` after their 5 % quantile (and after now). ``None`` when
-        nothing is known or the task is slower than almost every sample.
+        ``latency_budget`` after their 5 % quantile (and after now). Slower than
+        almost every sample: the end of the samples (extrapolated by one spacing)
+        with ``tail``, ``None`` once past it (and when nothing is known). A task
+        polled before the learner was warm passes ``tail=False``: the first
+        samples are the tasks that finished first, so their end is no end.
         """
         if not self.warm:
             return None
         model, _, _ = self._model(cost)
         done = model.done_by(elapsed)
-        if done >= _TAIL:
-            return None
+        if done >= _TAIL:  # slower than nearly every sample: once more at their end, if ahead
+            end = model.at(1.0)
+            return end if tail and end > elapsed else None
         offset = model.at(done + (1 - done) * self.quantile)
         if self.latency_budget is not None:
             soonest = max(model.at(done + (1 - done) * _GUARD_QUANTILE), elapsed)

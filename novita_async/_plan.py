@@ -86,7 +86,7 @@ class PollPolicy:
     backoff_factor: float = attrs.field(default=1.5, validator=attrs.validators.ge(1.0))
     eta_margin: float = attrs.field(default=0.05, validator=_nonneg)
     first_poll_delay: float = attrs.field(default=1.0, validator=_nonneg)
-    first_poll_quantile: float = attrs.field(default=0.8, validator=_fraction)
+    first_poll_quantile: float = attrs.field(default=0.9, validator=_fraction)
     latency_budget: float | None = attrs.field(default=0.4, validator=_optional_nonneg)
     probe_delay: float = attrs.field(default=0.25, validator=_nonneg)
     warmup_samples: int = attrs.field(default=20, validator=attrs.validators.ge(1))
@@ -421,7 +421,9 @@ class Planner:
     def _learned_delay(self, entry: Entry, now: float) -> float | None:
         if entry.submitted_at is None:
             return None
-        offset = self.learner.next_poll(now - entry.submitted_at, entry.cost)
+        offset = self.learner.next_poll(
+            now - entry.submitted_at, entry.cost, tail=entry.plan == "learned"
+        )
         if offset is None:
             return None
         return entry.submitted_at + offset - now

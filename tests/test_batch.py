@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -390,6 +391,40 @@ def test_configured_quota_paces_without_any_429() -> None:
     assert emu.rate_limited == 0
     assert emu.tasks_created == 24
     assert elapsed >= 120  # 60 images at 20/min: the third minute's share starts at 120 s
+
+
+def test_tight_durations_take_about_one_poll_and_no_blind_backoff() -> None:
+    """Durations proportional to cost within 5 % (a warm client): about one poll per
+    task, and a task that misses its first poll slower than nearly every sample is
+    polled again at the samples' end, not after a blind 0.5 s backoff."""
+
+    def duration(body: dict[str, Any]) -> float:
+        request = body["request"]
+        jitter = random.Random(request["prompt"]).uniform(0.95, 1.05)
+        return request["steps"] / 20 * jitter  # cost 20 (20 steps at 512x512) per second x 4
+
+    async def main() -> tuple[list[float], float]:
+        emu = NovitaEmulator(durations=duration, clock=anyio.current_time, latency=0.005)
+        rng = random.Random(4)
+
+        def batch(prefix: str, n: int) -> list[Txt2ImgRequest]:
+            return [req(f"{prefix} {i}", steps=rng.choice(range(20, 61, 5))) for i in range(n)]
+
+        lags: list[float] = []
+        async with emu.client() as client:
+            await client.txt2img_all(batch("warm", 150))
+            before = emu.polls_total
+            async with client.txt2img_many(batch("measured", 1000)) as run:
+                async for item in run:
+                    assert item.task_id is not None
+                    lags.append(anyio.current_time() - emu.tasks[item.task_id].completed_at)
+            return lags, (emu.polls_total - before) / 1000
+
+    lags, polls = trio.run(main, clock=MockClock(autojump_threshold=0))
+    lags.sort()
+    assert polls <= 1.2
+    assert lags[int(0.95 * len(lags))] <= 0.3
+    assert lags[-1] <= 0.3  # a second poll 0.2 s (the minimum interval) later, not 0.5 s
 
 
 def test_unknown_quota_adapts_to_429s_without_duplicates() -> None:

@@ -39,6 +39,7 @@ from novita_async import (
     Txt2ImgRequest,
 )
 from novita_async._errors import InvalidRequestError
+from novita_async._learn import Learner
 from novita_async._models import DebugInfo, ResultExtra, Task, TaskResult, TaskStatus
 from novita_async._poller import PollHint, PollScheduler
 
@@ -1266,3 +1267,16 @@ async def test_a_thousand_waiters_leave_no_task_behind(anyio_backend: str) -> No
         assert asyncio.all_tasks() == before  # the loop and its workers ended with run()
     else:
         assert trio.lowlevel.current_task().child_nurseries == []
+
+
+def test_a_task_just_past_nearly_every_sample_is_polled_at_their_end() -> None:
+    """Slower than 98 % of the samples but not than all: the next poll is at the
+    samples' end (extrapolated by one spacing), not a blind backoff; past every
+    sample (a stuck task) the learner has no time to offer and the scheduler backs off."""
+    learner = Learner(window=256, warmup=20, quantile=0.9, latency_budget=0.4)
+    for i in range(100):
+        learner.add(2.0 + i * 0.002, None)  # 2.000 ... 2.198 s
+    after = learner.next_poll(2.197, None)
+    assert after is not None
+    assert 2.197 < after <= 2.21
+    assert learner.next_poll(2.5, None) is None
