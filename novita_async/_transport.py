@@ -723,8 +723,9 @@ class Transport:
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``; the answer's body is left to read.
 
-        A client of our own with a known transport (httpx-aiohttp by default on
-        asyncio, or the ``transport=`` given) calls it directly: what
+        A client of our own with a known transport (by default httpx-aiohttp on
+        asyncio and httpx's pool on trio, or the ``transport=`` given) calls it
+        directly: what
         ``AsyncClient.send`` adds around it is unused there (no auth, hooks,
         redirects or proxy mounts), and its cookie jar alone cost about a tenth of
         the library's CPU per request (API answers set no cookies we would send).
