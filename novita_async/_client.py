@@ -78,7 +78,9 @@ class AsyncNovita:
       :meth:`aclose`); ``transport``: an httpx transport for the client this
       one creates (e.g. the emulator's). Pass at most one of the two.
     * ``max_connections``: size of the connection pool (default 64).
-    * ``max_concurrent_polls``: task-result GETs in flight at once (default 16).
+    * ``max_concurrent_polls``: scheduled task-result GETs in flight at once (default
+      16). The GETs confirming webhook deliveries run in the delivering task, bounded
+      by ``max_connections`` alone, so a burst of deliveries is not queued behind them.
     * ``poll_policy``: :class:`PollPolicy`, when to poll (eta, learning, backoff).
     * ``rate_limiter``: a :class:`WeightedRateLimiter` (or anything with its
       interface, e.g. a Redis-shared one) that paces EVERY submission of this

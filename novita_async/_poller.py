@@ -16,7 +16,9 @@ leaves (deadline, cancellation), its entry is dropped at once and its poll in
 flight cancelled: no more polls.
 
 With webhooks, :meth:`PollScheduler.confirm` polls a task at once when a
-delivery says it ended (once, whatever the number of deliveries).
+delivery says it ended (once, whatever the number of deliveries), in the
+delivery's own task, beside the workers (``max_concurrent_polls`` bounds the
+scheduled polls; the transport's cap on requests in flight bounds both).
 """
 
 from __future__ import annotations
@@ -257,19 +259,41 @@ class PollScheduler:
             return None
         stats.webhooks_received += 1
         arrived = anyio.current_time()
-        if entry.confirming is None:
-            entry.confirming = anyio.Event()
+        event = entry.confirming
+        if event is None:
+            event = entry.confirming = anyio.Event()
             entry.resume_at = entry.next_at
             if entry.scope is not None:  # a GET on the wire may predate the delivery
                 entry.recheck = True
             elif not entry.polling:
-                entry.next_at = arrived
-                self._schedule(entry)
-        await entry.confirming.wait()
+                await self._confirm_now(entry, arrived)
+        await event.wait()
         if not entry.done or entry.result is None:
             return None
         self._planner.delivered(entry, arrived)
         return entry.result
+
+    async def _confirm_now(self, entry: Entry, arrived: float) -> None:
+        """Poll an idle ``entry`` in this (the delivery's) task, beside the workers: a
+        burst of deliveries is confirmed as fast as it comes (bounded by the transport's
+        requests in flight, ``max_connections``), not ``max_concurrent_polls`` at a time
+        behind the scheduled polls. Paused by a 429, or cancelled before an answer: the
+        workers poll it as soon as they may."""
+        entry.polling, entry.heap_seq = True, -1  # its heap item is stale now
+        answered = False
+        try:
+            if entry.live and anyio.current_time() >= self._planner.paused_until:
+                with anyio.CancelScope() as scope:
+                    entry.scope = scope
+                    answered = await self._poll(entry)
+        finally:
+            entry.scope, entry.polling = None, False
+            if answered and entry.confirming is not None:
+                self._confirmed(entry)
+            if entry.live:
+                if not answered:
+                    entry.next_at = min(entry.next_at, arrived)
+                self._schedule(entry)
 
     def _confirmed(self, entry: Entry) -> None:
         """After a poll's answer: settle the delivery waiting for it (or poll once more)."""

@@ -10,6 +10,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 import anyio
+import httpx
 import pytest
 from _support import req, until
 
@@ -200,3 +201,46 @@ async def test_a_relay_passes_a_delivery_to_the_replica_that_waits() -> None:
     assert results[0].task_id == task_id
     assert relay_b.published == 1
     assert emu.polls[task_id] == 1  # confirmed once, by the replica that waited
+
+
+class _GetsInFlight(httpx.AsyncBaseTransport):
+    """Counts task-result GETs in flight (and the most at once)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner, self.now, self.most = inner, 0, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        get = request.method == "GET"
+        self.now += get
+        self.most = max(self.most, self.now)
+        try:
+            return await self.inner.handle_async_request(request)
+        finally:
+            self.now -= get
+
+
+async def test_a_burst_of_deliveries_is_confirmed_at_once_not_by_the_poll_workers() -> None:
+    """Six deliveries at once with ``max_concurrent_polls=2``: the six confirming GETs
+    are on the wire together (in the delivering tasks), not two at a time."""
+    emu = NovitaEmulator(durations=0.02, latency=0.2)
+    counting = _GetsInFlight(emu.transport())
+    client = emu.client(
+        webhook_url=HOOK, poll_policy=POLICY, max_concurrent_polls=2, transport=counting
+    )
+    confirmed: list[TaskResult | None] = []
+    async with client, anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(client.txt2img, req(f"prompt {i}"))
+        ids = await submitted(emu, 6)
+        for task_id in ids:
+            await finished(emu, task_id)
+
+        async def deliver(task_id: str) -> None:
+            confirmed.append(await client.receive_webhook(emu.webhook_event(task_id)))
+
+        async with anyio.create_task_group() as deliveries:
+            for task_id in ids:
+                deliveries.start_soon(deliver, task_id)
+    assert [c is not None for c in confirmed] == [True] * 6
+    assert sum(emu.polls[t] for t in ids) == 6
+    assert counting.most == 6  # two at a time through the poll workers before
