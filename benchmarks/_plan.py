@@ -27,6 +27,8 @@ NAIVE_WORKLOADS = ("uniform",)
 WARM_FORMS = ("with", "single")
 TIMEOUT_BASE = 90.0
 LOOPS = ("loop-0.25", "loop-0.5", "loop-1", "loop-2")
+#: Runs of each cold bare / ``async with`` cell; the table shows their mean.
+FORM_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ def _spec(section: str, workload: str, tasks: int, **kw: Any) -> dict[str, Any]:
     return spec
 
 
+def _repeat(form: str) -> dict[str, Any]:
+    """The cold bare and ``async with`` cells (#8's comparison) run ``FORM_REPEATS`` times:
+    single runs vary by 10-20 % on this machine, more than the 1.15x they are held to."""
+    return {"repeat": FORM_REPEATS} if form in ("bare", "with") else {}
+
+
 def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
     """Every scenario spec of ``sections``, in running order."""
     out: list[dict[str, Any]] = []
@@ -67,7 +75,7 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
         # Every workload, every form, cold and warm, on asyncio; the baselines once
         # per duration model (they ignore eta, so uniform-eta would repeat uniform).
         for w in FORM_WORKLOADS:
-            out += [_spec("workloads", w, z.main, form=f) for f in forms]
+            out += [_spec("workloads", w, z.main, form=f, **_repeat(f)) for f in forms]
             # warm: bare tracks `async with` cold; the budget (~25 min) keeps with + single
             out += [_spec("workloads", w, z.main, form=f, warmup=z.warmup) for f in WARM_FORMS]
             if w != "uniform-eta":
@@ -76,7 +84,7 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
                 out.append(_spec("workloads", w, z.main, kind="loop", client="naive"))
     if "forms" in sections:  # trio; the asyncio side comes from "workloads"
         for w in FORM_WORKLOADS:
-            out += [_spec("forms", w, z.main, form=f, backend="trio") for f in forms]
+            out += [_spec("forms", w, z.main, form=f, backend="trio", **_repeat(f)) for f in forms]
     if "scale" in sections:
         for n in z.scale:
             for backend in ("asyncio", "trio"):

@@ -71,7 +71,10 @@ def _forms_table(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Each cell: wall s / client CPU ms per task / polls per task / added latency p95 s. "
         f"Ratios are bare ÷ `async with` and single ÷ `async with` (wall / CPU / polls); "
-        f"goal (#8): bare within {GOAL_FORMS}x on all three at 1000 prompts.",
+        f"goal (#8): bare within {GOAL_FORMS}x on all three at 1000 prompts. Cold bare and "
+        "`async with` cells are the mean of "
+        f"{max((len(r.get('runs', [])) for r in lib), default=1)} runs each "
+        "(`results.json` keeps every run).",
         "",
         f"| workload | backend | state | {FORMS['with']} | {FORMS['bare']} | bare ÷ with | "
         f"{FORMS['single']} | single ÷ with |",

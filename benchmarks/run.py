@@ -85,6 +85,21 @@ def run_scenario(spec: dict[str, Any], seed: int) -> dict[str, Any]:
     return summarize(spec, worker, server)
 
 
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for repeated runs of a scenario: the mean of each measured number (the
+    first run's other fields), with every run's wall, CPU, polls and p95 kept."""
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        numbers = [r.get(key) for r in rows]
+        if isinstance(value, float) and all(isinstance(v, (int, float)) for v in numbers):
+            out[key] = sum(numbers) / len(numbers)
+    kept = ("wall_s", "client_cpu_ms_per_task", "polls_per_task", "latency_p95_s")
+    out["runs"] = [{k: r.get(k) for k in kept} for r in rows]
+    return out
+
+
 def run_micro(
     specs: list[dict[str, Any]], seed: int, errors: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -201,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(specs)} scenarios", flush=True)
     for spec in specs:
         try:
-            row = run_scenario(spec, args.seed)
+            row = mean_row([run_scenario(spec, args.seed) for _ in range(spec.get("repeat", 1))])
         except (JobError, OSError, KeyError, ValueError) as exc:
             error = {**spec, "error": f"{type(exc).__name__}: {exc}"}
             results["errors"].append(error)
