@@ -318,5 +318,7 @@ def test_200_prompts_after_20_transient_429s_keep_their_pace() -> None:
         return elapsed, limiter.per_minute
 
     elapsed, after = virtual(main)
-    assert elapsed < 30  # minutes before the fix; seconds of pauses and recovery now
+    # 861 s before the fix; now seconds of pauses and recovery: 23-34 s over 100 runs, as
+    # trio's random scheduling order changes which POSTs meet the 429s (30 s was flaky).
+    assert elapsed < 60
     assert after is None  # and the limiter is unpaced again
