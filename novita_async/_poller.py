@@ -166,18 +166,25 @@ class PollScheduler:
     async def _worker(self, receive: MemoryObjectReceiveStream[Entry]) -> None:
         async with receive:
             async for entry in receive:
-                answered = False
-                if entry.live and anyio.current_time() >= self._planner.paused_until:
-                    with anyio.CancelScope() as scope:
-                        entry.scope = scope
-                        answered = await self._poll(entry)
-                entry.scope, entry.polling = None, False
-                if answered and entry.confirming is not None:
-                    self._confirmed(entry)
-                if entry.live:
-                    if not answered:  # paused before an answer: due again when the pause ends
-                        entry.next_at = min(entry.next_at, anyio.current_time())
-                    self._schedule(entry)
+                await self._poll_once(entry)
+
+    async def _poll_once(self, entry: Entry) -> None:
+        """Poll an entry marked ``polling`` (unless it left or polls are paused), settle
+        a delivery waiting for the answer, and schedule the entry's next poll."""
+        answered = False
+        try:
+            if entry.live and anyio.current_time() >= self._planner.paused_until:
+                with anyio.CancelScope() as scope:
+                    entry.scope = scope
+                    answered = await self._poll(entry)
+        finally:
+            entry.scope, entry.polling = None, False
+            if answered and entry.confirming is not None:
+                self._confirmed(entry)
+            if entry.live:
+                if not answered:  # paused or cancelled before an answer: due again at once
+                    entry.next_at = min(entry.next_at, anyio.current_time())
+                self._schedule(entry)
 
     def _close_entries(self) -> None:
         """The loop stopped (client closing): no waiter may hang."""
@@ -266,34 +273,21 @@ class PollScheduler:
             if entry.scope is not None:  # a GET on the wire may predate the delivery
                 entry.recheck = True
             elif not entry.polling:
-                await self._confirm_now(entry, arrived)
+                await self._confirm_now(entry)
         await event.wait()
         if not entry.done or entry.result is None:
             return None
         self._planner.delivered(entry, arrived)
         return entry.result
 
-    async def _confirm_now(self, entry: Entry, arrived: float) -> None:
+    async def _confirm_now(self, entry: Entry) -> None:
         """Poll an idle ``entry`` in this (the delivery's) task, beside the workers: a
         burst of deliveries is confirmed as fast as it comes (bounded by the transport's
         requests in flight, ``max_connections``), not ``max_concurrent_polls`` at a time
         behind the scheduled polls. Paused by a 429, or cancelled before an answer: the
         workers poll it as soon as they may."""
         entry.polling, entry.heap_seq = True, -1  # its heap item is stale now
-        answered = False
-        try:
-            if entry.live and anyio.current_time() >= self._planner.paused_until:
-                with anyio.CancelScope() as scope:
-                    entry.scope = scope
-                    answered = await self._poll(entry)
-        finally:
-            entry.scope, entry.polling = None, False
-            if answered and entry.confirming is not None:
-                self._confirmed(entry)
-            if entry.live:
-                if not answered:
-                    entry.next_at = min(entry.next_at, arrived)
-                self._schedule(entry)
+        await self._poll_once(entry)
 
     def _confirmed(self, entry: Entry) -> None:
         """After a poll's answer: settle the delivery waiting for it (or poll once more)."""
