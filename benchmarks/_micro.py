@@ -7,6 +7,8 @@ extra requests wait inside the transport's pool -- where some pools' bookkeeping
 grows with the queue. Transports (``TRANSPORTS``):
 
 * ``httpx``: httpx's own pool (httpcore), what ``httpx.AsyncClient`` builds;
+* ``httpx-shards``: httpx's pool in shards of 8 connections, the library's default on
+  trio (``novita_async._pool.ShardedPool``; trio only);
 * ``httpx-aiohttp``: httpx with the httpx-aiohttp transport;
 * ``aiohttp``: a raw ``aiohttp.ClientSession`` (the floor);
 * ``httpx2``: httpx2's ``AsyncClient`` (Python >= 3.11), when installed.
@@ -29,6 +31,7 @@ __all__ = ["TRANSPORTS", "run_micro"]
 
 TRANSPORTS = {
     "httpx": "httpx (httpcore pool)",
+    "httpx-shards": "httpx, 8-connection shards",
     "httpx-aiohttp": "httpx + httpx-aiohttp transport",
     "aiohttp": "raw aiohttp",
     "httpx2": "httpx2",
@@ -81,6 +84,10 @@ async def _session(kind: str, base_url: str) -> AsyncIterator[tuple[Get, Get]]:
         import httpx as hx
 
         transport = None
+        if kind == "httpx-shards":
+            from novita_async._pool import ShardedPool
+
+            transport = ShardedPool(max_connections=POOL_SIZE)
         if kind == "httpx-aiohttp":
             from httpx_aiohttp import AiohttpTransport
 

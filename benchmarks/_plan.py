@@ -130,11 +130,13 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
 
 
 def micro_plan(z: Sizes, transports: list[str], trio: bool) -> list[dict[str, Any]]:
-    """Every transport on asyncio at each level; httpx and httpx2 on trio up to 64."""
+    """Every transport on asyncio at each level (but trio's default, ``httpx-shards``);
+    httpx, httpx-shards and httpx2 on trio up to 64."""
     out = [
         {"kind": "micro", "transport": t, "concurrency": c, "backend": "asyncio"}
         for c in z.micro_levels
         for t in transports
+        if t != "httpx-shards"
     ]
     if trio:
         out += [
@@ -142,7 +144,7 @@ def micro_plan(z: Sizes, transports: list[str], trio: bool) -> list[dict[str, An
             for c in z.micro_levels
             if c <= 64
             for t in transports
-            if t in ("httpx", "httpx2")
+            if t in ("httpx", "httpx-shards", "httpx2")
         ]
     for spec in out:
         spec["seconds"] = z.micro_seconds

@@ -267,6 +267,8 @@ def _transport_key(name: str | None) -> str | None:
         return None
     if "aiohttp" in name:
         return "httpx-aiohttp"
+    if name == "httpx-shards":
+        return name
     return "httpx" if name == "httpx" or name.startswith("httpx.") else None
 
 

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not trio:
         print("trio is not installed: skipping the trio scenarios", file=sys.stderr)
         specs = [s for s in specs if s["backend"] != "trio"]
-    transports = ["httpx", "httpx-aiohttp", "aiohttp"]
+    transports = ["httpx", "httpx-shards", "httpx-aiohttp", "aiohttp"]
     httpx2 = importlib.util.find_spec("httpx2") is not None
     transports += ["httpx2"] if httpx2 else []
     results: dict[str, Any] = {

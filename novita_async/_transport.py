@@ -48,6 +48,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
 )
+from ._pool import ShardedPool
 from ._version import __version__
 
 __all__ = [
@@ -173,19 +174,20 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 def _default_transport(max_connections: int) -> httpx.AsyncBaseTransport | None:
     """httpx-aiohttp on asyncio (a fraction of httpx's CPU per request), else httpx's own
-    pool (trio); None where the environment sets proxies (``HTTPS_PROXY``, ...): httpx's
-    client then builds its pool and the proxies' itself, as it does for every httpx user."""
+    pool in shards of a few connections (trio, :mod:`._pool`); None where the environment
+    sets proxies (``HTTPS_PROXY``, ...): httpx's client then builds its pool and the
+    proxies' itself, as it does for every httpx user."""
     if urllib.request.getproxies():
         return None
-    limits = httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections
-    )
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return httpx.AsyncHTTPTransport(verify=_default_ssl_context(), limits=limits)
+        return ShardedPool(max_connections=max_connections, verify=_default_ssl_context())
     from httpx_aiohttp import AiohttpTransport
 
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
     return AiohttpTransport(verify=_default_ssl_context(), limits=limits)
 
 
@@ -511,15 +513,16 @@ class Transport:
     @property
     def http(self) -> httpx.AsyncClient:
         """The httpx client. Unless one was given (or a transport), it is made at first use:
-        on asyncio with the httpx-aiohttp transport, on trio with httpx's own pool."""
+        on asyncio with the httpx-aiohttp transport, on trio with httpx's pool in shards."""
         if self._http is None:
             self._http = self._owned_client(_default_transport(self.max_connections))
         return self._http
 
     def _in_flight_cap(self) -> int:
-        """Requests in flight at most: the pool's size; on httpx's own pool (the default on
-        trio), whose CPU cost per request grows with the requests it holds, at most
-        ``HTTPX_POOL_IN_FLIGHT`` (the default polls plus a batch's submissions)."""
+        """Requests in flight at most: the pool's size; on httpx's own single pool (an owned
+        client where the environment sets proxies), whose CPU cost per request grows with
+        the requests it holds, at most ``HTTPX_POOL_IN_FLIGHT`` (the default polls plus a
+        batch's submissions). Trio's default, :class:`ShardedPool`, needs no such cap."""
         self.http  # noqa: B018  (made now: which pool it is depends on the running backend)
         if self._given_transport is None and self._owns_client and self.transport_name == "httpx":
             return min(self.max_connections, HTTPX_POOL_IN_FLIGHT)
@@ -540,12 +543,18 @@ class Transport:
 
     @property
     def transport_name(self) -> str:
-        """What carries the requests: ``httpx-aiohttp``, ``httpx`` or the given one's type."""
+        """What carries the requests: ``httpx-aiohttp`` (asyncio), ``httpx-shards`` (trio),
+        ``httpx`` (proxies) or the given transport's type."""
         if self._http is None:
             return "not chosen yet"
         inner = getattr(self._http, "_transport", None)
         name = type(inner).__name__ if inner is not None else "httpx"
-        return {"AiohttpTransport": "httpx-aiohttp", "AsyncHTTPTransport": "httpx"}.get(name, name)
+        names = {
+            "AiohttpTransport": "httpx-aiohttp",
+            "AsyncHTTPTransport": "httpx",
+            "ShardedPool": "httpx-shards",
+        }
+        return names.get(name, name)
 
     def url(self, path: str) -> httpx.URL:
         return self.base_url.join(path.lstrip("/"))
@@ -724,7 +733,7 @@ class Transport:
         """Send ``request``; the answer's body is left to read.
 
         A client of our own with a known transport (by default httpx-aiohttp on
-        asyncio and httpx's pool on trio, or the ``transport=`` given) calls it
+        asyncio and httpx's pool in shards on trio, or the ``transport=`` given) calls it
         directly: what
         ``AsyncClient.send`` adds around it is unused there (no auth, hooks,
         redirects or proxy mounts), and its cookie jar alone cost about a tenth of

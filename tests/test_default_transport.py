@@ -1,13 +1,16 @@
-"""The default transport: httpx-aiohttp on asyncio, httpx's pool on trio, over real
+"""The default transport: httpx-aiohttp on asyncio, httpx's pool in shards on trio, over real
 loopback sockets; and the money rule on it (a server that hangs up after reading a POST
 is an uncertain submission, never a retry, whatever httpx-aiohttp maps the error to)."""
 
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
+import httpx
 import pytest
 
 from novita_async import RetryPolicy, SubmissionUncertainError, TaskStatus, Txt2ImgRequest
+from novita_async._pool import ShardedPool
 from novita_async.testing import NovitaEmulator
 
 pytestmark = pytest.mark.anyio
@@ -21,7 +24,7 @@ async def test_default_transport_per_backend(anyio_backend: str) -> None:
         result = await c.txt2img(REQUEST, timeout=10)
         name = c.transport_name
     assert result.status is TaskStatus.SUCCEED
-    assert name == ("httpx-aiohttp" if anyio_backend == "asyncio" else "httpx")
+    assert name == ("httpx-aiohttp" if anyio_backend == "asyncio" else "httpx-shards")
 
 
 async def test_a_hang_up_after_the_post_is_uncertain_on_the_default_transport() -> None:
@@ -53,26 +56,65 @@ async def test_a_refused_connection_is_retried_on_the_default_transport() -> Non
     assert not isinstance(caught.value, SubmissionUncertainError)
 
 
-async def test_httpx_pool_default_keeps_few_requests_in_flight(anyio_backend: str) -> None:
-    """httpx's own pool costs more CPU per request the more it holds: on trio (where it is
-    the default) the client lets at most 24 requests into it, however many calls wait."""
+async def test_the_default_transport_keeps_max_connections_in_flight(anyio_backend: str) -> None:
+    """Both backends' defaults take as many requests in flight as there are connections
+    (64): httpx-aiohttp on asyncio, and on trio httpx's pool in shards of 8 connections,
+    which costs what one pool of 24 did (httpcore's bookkeeping grows with what one pool
+    holds). No request ever waits inside a shard: the busiest holds at most 8."""
     emu = NovitaEmulator(durations=0.02, latency=0.05)
-    most = 0
+    cap = busiest = 0
 
     async with emu.serve() as server, emu.client(base_url=server.base_url, transport=None) as c:
 
         async def submit() -> None:
-            nonlocal most
+            nonlocal cap, busiest
+            pool = c._transport._direct  # made at the first request
+            if isinstance(pool, ShardedPool):
+                busiest = max(busiest, *pool.load)
             await c.submit_txt2img(REQUEST)
             slots = c._transport._in_flight
             assert slots is not None
-            most = max(most, int(slots.total_tokens))
+            cap = max(cap, int(slots.total_tokens))
 
         async with anyio.create_task_group() as tg:
-            for _ in range(60):
+            for _ in range(100):
                 tg.start_soon(submit)
-    assert emu.submissions == 60
-    assert most == (64 if anyio_backend == "asyncio" else 24)
+                await anyio.lowlevel.checkpoint()  # each POST leaves before the next
+    assert emu.submissions == 100
+    assert cap == 64
+    pool = c._transport._direct
+    if anyio_backend == "trio":
+        assert isinstance(pool, ShardedPool)
+        assert 4 <= busiest <= 8  # loaded, never past a shard's connections
+        assert pool.load == [0] * 8  # every request left its shard
+
+
+async def test_a_shard_counts_a_request_until_its_answer_is_closed() -> None:
+    """The load that picks a shard is right after failures, cancellations and answers
+    read or closed unread; the next request goes to the least loaded shard."""
+    emu = NovitaEmulator(durations=0.02, latency=0.2)
+    pool = ShardedPool(max_connections=3, shard_connections=1)
+    assert repr(pool) == "<ShardedPool shards=3 connections=1>"
+    async with emu.serve() as server, httpx.AsyncClient(transport=pool) as http:
+        url = f"{server.base_url}/v3/async/task-result?task_id=nope"
+        answers: list[httpx.Response] = []
+
+        async def get() -> None:
+            answers.append(await http.send(http.build_request("GET", url), stream=True))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get)
+            tg.start_soon(get)
+        assert sorted(pool.load) == [0, 1, 1]  # open answers keep their shard
+        await answers[0].aread()  # read to the end: closed
+        await answers[1].aclose()  # closed unread
+        assert pool.load == [0, 0, 0]
+        with anyio.move_on_after(0.05):  # cancelled while waiting for the answer
+            await http.get(url)
+        assert pool.load == [0, 0, 0]
+        with pytest.raises(httpx.ConnectError):  # refused
+            await http.get("http://127.0.0.1:9/")
+        assert pool.load == [0, 0, 0]
 
 
 async def test_proxies_set_in_the_environment_are_used(
@@ -80,7 +122,7 @@ async def test_proxies_set_in_the_environment_are_used(
 ) -> None:
     """With ``HTTP_PROXY`` set (here to a closed loopback port) every request goes to
     the proxy, on both backends; without it, straight to the API (httpx-aiohttp on
-    asyncio, httpx's pool on trio)."""
+    asyncio, httpx's pool in shards on trio)."""
     from novita_async import APIConnectionError
 
     emu = NovitaEmulator(durations=0.02)
