@@ -196,8 +196,10 @@ class Learner:
             return None
         model, _, _ = self._model(cost)
         done = model.done_by(elapsed)
-        if done >= _TAIL:  # slower than nearly every sample: once more at their end, if ahead
-            end = model.at(1.0)
+        end = model.at(1.0)
+        # Slower than nearly every sample (or past their end, which with fewer than 49
+        # samples is below the 98 %): once more at their end, if ahead.
+        if done >= _TAIL or elapsed >= end:
             return end if tail and end > elapsed else None
         offset = model.at(done + (1 - done) * self.quantile)
         if self.latency_budget is not None:

@@ -5,13 +5,14 @@ task), :class:`PollStats` (live counters), the per-task :class:`Entry`, and the
 :class:`Planner` that decides each task's next poll: the first one from the
 learned durations (:mod:`._learn`), a probe or a cold delay; after an answer,
 the server's ``eta`` (split within its last second when etas are whole seconds),
-the durations of slower tasks, or a backoff; after an error, a backoff or the end
-of the task; with webhooks, a safety-net poll only when a delivery is late.
-Pure decisions: no I/O and no tasks (those are :mod:`._poller`'s).
+the durations of slower tasks, a steady pace within a burst, or a backoff; after
+an error, a backoff or the end of the task; with webhooks, a safety-net poll only
+when a delivery is late. Pure decisions: no I/O and no tasks (those are :mod:`._poller`'s).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from typing import Any, Literal
@@ -57,9 +58,11 @@ class PollPolicy:
 
     * After an unfinished answer the next poll comes ``eta + eta_margin`` later
       when the server gives an ``eta``; else where the learned durations of
-      slower tasks put it (at most ``latency_budget`` later); else after a
-      backoff that starts at ``backoff_initial`` and grows by
-      ``backoff_factor``. All are clamped to [``min_interval``,
+      slower tasks put it (at most ``latency_budget`` later); else, past every
+      learned duration while ``warmup_samples`` tasks as old still run (a
+      burst whose samples are its first finishers), every ``2 x
+      latency_budget``; else after a backoff that starts at
+      ``backoff_initial`` and grows by ``backoff_factor``. All are clamped to [``min_interval``,
       ``max_interval``]. Errors that survived the transport's retries back off
       the same way, until the caller's deadline.
     * The first poll of a submitted task comes at the ``first_poll_quantile`` of
@@ -194,6 +197,7 @@ class Entry:
         "finish_by",
         "heap_seq",
         "last",
+        "listed",
         "malformed",
         "next_at",
         "plan",
@@ -242,6 +246,7 @@ class Entry:
         self.confirming: anyio.Event | None = None  # a delivery waits for a poll's answer
         self.recheck = False  # a delivery came while a GET was on the wire: poll once more
         self.resume_at: float | None = None  # the plan a delivery's poll interrupted
+        self.listed: float | None = None  # its submission time in the planner's running list
 
     @property
     def live(self) -> bool:
@@ -301,6 +306,8 @@ class Planner:
             window=policy.learning_window, warmup=5, quantile=0.99, latency_budget=None
         )
         self.paused_until = -math.inf  # a 429 on a poll pauses every poll
+        #: Submission times of the running tasks (no webhook), sorted: how many are older.
+        self._running: list[float] = []
         self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
 
     def first(self, entry: Entry) -> None:
@@ -311,6 +318,8 @@ class Planner:
         if entry.webhook:
             entry.plan, entry.next_at = "webhook", submitted + self.safety_offset(entry.cost)
             return
+        entry.listed = submitted
+        bisect.insort(self._running, submitted)
         offset = learner.first_poll(entry.cost)
         if offset is not None:
             entry.plan, entry.next_at = "learned", submitted + offset
@@ -385,8 +394,10 @@ class Planner:
         if eta is not None:
             delay = self._eta_delay(entry, eta, now)
             entry.backoff = policy.backoff_initial
-        else:  # no eta: what slower tasks took, or back off
+        else:  # no eta: what slower tasks took, a burst's pace, or back off
             delay = self._learned_delay(entry, now)
+            if delay is None and policy.latency_budget is not None and self._censored(entry):
+                delay = 2 * policy.latency_budget
             if delay is None:
                 delay = entry.backoff
                 entry.backoff = min(entry.backoff * policy.backoff_factor, policy.max_interval)
@@ -427,6 +438,28 @@ class Planner:
         if offset is None:
             return None
         return entry.submitted_at + offset - now
+
+    def _censored(self, entry: Entry) -> bool:
+        """Past what the samples know, yet not slower than its peers: at least
+        ``warmup_samples`` running tasks were submitted before it or within
+        ``2 x latency_budget`` after it (a burst: the samples so far are its first
+        finishers, and the others are as old). Its end is as near as theirs were, so it
+        is polled every ``2 x latency_budget`` (late by the budget on average), not after
+        a growing backoff, which suits a task slower than everything around it."""
+        listed = entry.listed
+        if listed is None:
+            return False
+        horizon = listed + 2 * (self.policy.latency_budget or 0.0)
+        return bisect.bisect_right(self._running, horizon) >= self.policy.warmup_samples
+
+    def forget(self, entry: Entry) -> None:
+        """``entry`` is no longer running here (finished or dropped)."""
+        listed, entry.listed = entry.listed, None
+        if listed is not None:
+            running = self._running
+            i = bisect.bisect_left(running, listed)
+            if i < len(running) and running[i] == listed:
+                del running[i]
 
     def failed(self, entry: Entry, exc: Exception) -> Outcome:
         now = anyio.current_time()

@@ -407,6 +407,7 @@ class PollScheduler:
 
     def _forget(self, entry: Entry) -> None:
         entry.heap_seq = -1  # its heap items are stale now
+        self._planner.forget(entry)
         if self._entries.get(entry.task_id) is entry:
             del self._entries[entry.task_id]
             self._stats.polls_by_task.pop(entry.task_id, None)

@@ -427,6 +427,33 @@ def test_tight_durations_take_about_one_poll_and_no_blind_backoff() -> None:
     assert lags[-1] <= 0.3  # a second poll 0.2 s (the minimum interval) later, not 0.5 s
 
 
+def test_a_cold_burst_past_its_first_finishers_is_polled_steadily() -> None:
+    """A cold burst of U(1, 3) s tasks without eta: the first samples are the first
+    finishers, so every running task is soon past all of them, with hundreds of peers as
+    old. Those are polled every 2 x latency_budget (0.8 s), not after a backoff growing
+    to 1.1 and 1.7 s (which left tasks 1.5 s late): fewer polls than a 1 s loop's
+    1 + E[ceil(D)] = 3.5, and no task more than 0.8 s late."""
+
+    def duration(body: dict[str, Any]) -> float:
+        return random.Random(body["request"]["prompt"]).uniform(1.0, 3.0)
+
+    async def main() -> tuple[list[float], float]:
+        emu = NovitaEmulator(
+            durations=duration, clock=anyio.current_time, latency=0.005, report_eta=False
+        )
+        lags: list[float] = []
+        async with emu.client() as client, client.txt2img_many(reqs(400)) as run:
+            async for item in run:
+                assert item.task_id is not None
+                lags.append(anyio.current_time() - emu.tasks[item.task_id].completed_at)
+        return lags, emu.polls_total / 400
+
+    lags, polls = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert len(lags) == 400
+    assert polls <= 3.4
+    assert max(lags) <= 0.85
+
+
 def test_unknown_quota_adapts_to_429s_without_duplicates() -> None:
     async def main() -> tuple[list[BatchItem], NovitaEmulator, WeightedRateLimiter]:
         emu = NovitaEmulator(durations=(1.0, 3.0), clock=anyio.current_time)

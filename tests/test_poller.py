@@ -1280,3 +1280,46 @@ def test_a_task_just_past_nearly_every_sample_is_polled_at_their_end() -> None:
     assert after is not None
     assert 2.197 < after <= 2.21
     assert learner.next_poll(2.5, None) is None
+
+
+def test_past_every_sample_a_task_with_many_peers_as_old_is_polled_steadily() -> None:
+    """Past every learned duration, a task alone (a stuck one) backs off 0.5, 0.75,
+    1.125 s (with 20 samples it was polled every 0.2 s: their 98 % was never reached);
+    one of a burst whose peers are as old (the samples are only the first finishers) is
+    polled every 2 x latency_budget."""
+    from novita_async._plan import Entry, Planner, PollStats
+
+    def gaps(peers: int) -> list[float]:
+        planner = Planner(PollPolicy(), PollStats())
+        for _ in range(20):
+            planner.learner.add(1.0, None)  # warm: every task took 1 s
+        entries = []
+        for i in range(peers + 1):
+            entry = Entry(f"t{i}", 0.0, planner.policy.backoff_initial)
+            entry.absorb(PollHint(submitted_at=0.0), 0.0)
+            planner.first(entry)
+            entries.append(entry)
+        task = entries[-1]
+        running = TaskResult(task=Task(task_id=task.task_id, status=TaskStatus.PROCESSING))
+        out = []
+        for now in (2.0, 3.0, 4.0):
+            out.append(_answered_at(planner, task, running, now) - now)
+        for entry in entries:
+            planner.forget(entry)
+        assert planner._running == []
+        return out
+
+    assert gaps(0) == pytest.approx([0.5, 0.75, 1.125])
+    assert gaps(19) == pytest.approx([0.8, 0.8, 0.8])
+    assert gaps(18) == pytest.approx([0.5, 0.75, 1.125])  # 19 running: not a burst
+
+
+def _answered_at(planner: Any, entry: Any, result: TaskResult, now: float) -> float:
+    """``planner.answered`` at virtual time ``now``; returns the next poll's time."""
+
+    async def main() -> float:
+        await trio.sleep_until(now)
+        planner.answered(entry, result, now)
+        return float(entry.next_at)
+
+    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
