@@ -11,12 +11,13 @@ spread is smaller. Pure computation: no I/O, no clock of its own.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections import deque
 
 from ._models import TaskResult
 
-__all__ = ["MAX_SECONDS", "Learner", "Window"]
+__all__ = ["MAX_SECONDS", "Learner", "Peers", "Window"]
 
 #: The latency guard keeps this fraction of first polls at most ``latency_budget`` late.
 _GUARD_QUANTILE = 0.05
@@ -26,6 +27,8 @@ _TAIL = 0.98
 _EDGE_SPACINGS = 3
 #: The cost model must cut the relative spread of durations below this fraction of the raw one.
 _COST_MODEL_GAIN = 0.8
+#: A duration is learnt once at most this fraction of the running tasks are older.
+_STRAGGLERS = 0.02
 #: Longest duration / eta taken at face value (larger ones are not seconds).
 MAX_SECONDS = 86_400.0
 #: Recent ``server submit time - local submit time`` values (server clock offset).
@@ -207,6 +210,11 @@ class Learner:
             offset = min(offset, soonest + self.latency_budget)
         return offset
 
+    def early(self) -> float | None:
+        """The 5 % quantile of the durations known (``None`` before any): the first
+        finishers, what a cold first poll goes by until the learner is warm."""
+        return self.raw.quantile(_GUARD_QUANTILE) if len(self.raw) else None
+
     def wants_probe(self) -> bool:
         return self.eta_supported is not False and self.probes_out + len(self.raw) < self.warmup
 
@@ -268,3 +276,57 @@ class Learner:
         intercept = mean_s - slope * mean_c
         self._line = (intercept, slope)
         self._residuals.replace([s - intercept - slope * c for c, s in pairs])
+
+
+class Peers:
+    """The running tasks' submission times, and durations held back until (nearly)
+    every task submitted before theirs has finished too.
+
+    A burst's first durations are its fastest tasks': learnt as they come, they
+    would make every task still running look slower than all of them (the
+    samples are censored). So a duration is learnt once at most ``2 %`` of the
+    running tasks (at least one) were submitted before it: what is learnt is
+    whole cohorts, whatever order their tasks finished in.
+    """
+
+    __slots__ = ("_held", "_running")
+
+    def __init__(self) -> None:
+        self._running: list[float] = []  # sorted
+        self._held: list[tuple[float, float, float | None]] = []  # heap of (submitted, s, cost)
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def add(self, submitted: float) -> None:
+        bisect.insort(self._running, submitted)
+
+    def as_old(self, submitted: float) -> int:
+        """Running tasks submitted at or before ``submitted``."""
+        return bisect.bisect_right(self._running, submitted)
+
+    def hold(self, submitted: float, seconds: float, cost: float | None) -> bool:
+        """Keep a duration back while too many older tasks still run; ``False``: learn it."""
+        if bisect.bisect_left(self._running, submitted) <= self._allowance():
+            return False
+        heapq.heappush(self._held, (submitted, seconds, cost))
+        return True
+
+    def discard(self, submitted: float) -> list[tuple[float, float | None]]:
+        """A task stopped running; returns the (seconds, cost) durations it released."""
+        running = self._running
+        i = bisect.bisect_left(running, submitted)
+        if i < len(running) and running[i] == submitted:
+            del running[i]
+        held, released = self._held, []
+        while held and bisect.bisect_left(running, held[0][0]) <= self._allowance():
+            _, seconds, cost = heapq.heappop(held)
+            released.append((seconds, cost))
+        return released
+
+    def _allowance(self) -> int:
+        return max(1, int(_STRAGGLERS * len(self._running)))

@@ -12,7 +12,6 @@ when a delivery is late. Pure decisions: no I/O and no tasks (those are :mod:`._
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
 )
-from ._learn import MAX_SECONDS, Learner
+from ._learn import MAX_SECONDS, Learner, Peers
 from ._models import Task, TaskResult, TaskStatus
 
 __all__ = ["Entry", "Outcome", "Planner", "PollHint", "PollPolicy", "PollStats"]
@@ -36,6 +35,8 @@ logger = logging.getLogger("novita_async")
 
 #: Whole-second etas in a row (and no fraction ever) that make etas "rounded up".
 _WHOLE_ETAS = 5
+#: Within a burst past every sample, a task is polled at least every this fraction of its age.
+_BURST_PACE = 0.25
 #: Errors that survived the transport's retries but say nothing about the task.
 _TRANSIENT = (APIConnectionError, ServerError, RateLimitError, MalformedResponseError)
 
@@ -61,16 +62,19 @@ class PollPolicy:
       slower tasks put it (at most ``latency_budget`` later); else, past every
       learned duration while ``warmup_samples`` tasks as old still run (a
       burst whose samples are its first finishers), every ``2 x
-      latency_budget``; else after a backoff that starts at
-      ``backoff_initial`` and grows by ``backoff_factor``. All are clamped to [``min_interval``,
-      ``max_interval``]. Errors that survived the transport's retries back off
-      the same way, until the caller's deadline.
+      latency_budget`` or a quarter of its age if longer; else after a backoff
+      that starts at ``backoff_initial`` and grows by ``backoff_factor``. All
+      are clamped to [``min_interval``, ``max_interval``]. Errors that
+      survived the transport's retries back off the same way, until the
+      caller's deadline.
     * The first poll of a submitted task comes at the ``first_poll_quantile`` of
       the learned durations, but at most ``latency_budget`` after the
       ``5 %`` quantile (``None`` disables that guard). Learning keeps the last
       ``learning_window`` durations; until ``warmup_samples`` are known, a few
       tasks are *probed* ``probe_delay`` after submission (their ``eta`` is a
-      sample) and the others wait ``first_poll_delay``.
+      sample) and the others wait ``first_poll_delay`` or, once some durations
+      are known, ``latency_budget`` after their 5 % quantile; a server without
+      ``eta`` makes them wait for the probes' first duration.
     * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
       a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
     * One tick polls every task due within ``tick_coalesce`` of it (so a poll
@@ -272,8 +276,8 @@ def _eta(result: TaskResult) -> float | None:
 @attrs.frozen
 class Outcome:
     """What an answer or an error means for a task: finished (``result`` or
-    ``error``), or polled again at ``entry.next_at``; ``warmed``: the learner just
-    became warm (cold first polls can be re-planned)."""
+    ``error``), or polled again at ``entry.next_at``; ``warmed``: cold first polls
+    can be re-planned (the learner has its first duration, or just got warm)."""
 
     result: TaskResult | None = None
     error: Exception | None = None
@@ -306,8 +310,9 @@ class Planner:
             window=policy.learning_window, warmup=5, quantile=0.99, latency_budget=None
         )
         self.paused_until = -math.inf  # a 429 on a poll pauses every poll
-        #: Submission times of the running tasks (no webhook), sorted: how many are older.
-        self._running: list[float] = []
+        self.peers = Peers()  # the running tasks (no webhook), and durations held back
+        self._probed = 0  # probes answered and still running
+        self._fastest: float | None = None  # the shortest duration seen (held back or not)
         self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
 
     def first(self, entry: Entry) -> None:
@@ -319,7 +324,7 @@ class Planner:
             entry.plan, entry.next_at = "webhook", submitted + self.safety_offset(entry.cost)
             return
         entry.listed = submitted
-        bisect.insort(self._running, submitted)
+        self.peers.add(submitted)
         offset = learner.first_poll(entry.cost)
         if offset is not None:
             entry.plan, entry.next_at = "learned", submitted + offset
@@ -329,6 +334,7 @@ class Planner:
             entry.plan, entry.next_at = "probe", submitted + self.policy.probe_delay
         else:
             entry.plan, entry.next_at = "cold", submitted + self.policy.first_poll_delay
+            self._cold(entry)
 
     def safety_offset(self, cost: float | None) -> float:
         """Seconds after submission when a webhook task's delivery is clearly late."""
@@ -353,7 +359,36 @@ class Planner:
                 planned = entry.submitted_at + offset
                 if entry.plan == "cold" or planned > entry.next_at:
                     entry.plan, entry.next_at = "learned", planned
+        elif entry.sent == 0 and entry.plan == "cold":
+            self._cold(entry)
         return entry.next_at
+
+    def _cold(self, entry: Entry) -> None:
+        """A cold first poll while fewer than ``warmup_samples`` durations are known.
+
+        Once some are: ``latency_budget`` after their 5 % quantile (the first
+        finishers), either way from ``first_poll_delay``. Before any, while the
+        server gives no ``eta`` and probes are still running, none: a poll before
+        anything finished tells nothing. The probes' first duration (or their
+        end, without one) re-plans every cold task (``Outcome.warmed``,
+        :meth:`forget`).
+        """
+        submitted = entry.submitted_at
+        if submitted is None:
+            return
+        early = self.learner.early()
+        if early is None:
+            early = self._fastest
+        if early is not None:
+            entry.next_at = submitted + max(early + (self.policy.latency_budget or 0.0), 0.0)
+        elif self._holding():
+            entry.next_at = math.inf
+        else:
+            entry.next_at = submitted + self.policy.first_poll_delay
+
+    def _holding(self) -> bool:
+        """Cold first polls wait for the probes: no eta, and probes still running."""
+        return self.learner.eta_supported is False and self.learner.probes_out + self._probed > 0
 
     def answered(self, entry: Entry, result: TaskResult, sent: float) -> Outcome:
         now = anyio.current_time()
@@ -368,7 +403,8 @@ class Planner:
                 if not status.is_terminal:
                     if eta is not None:
                         learner.eta_supported = True
-                        warmed |= self._sample(entry, now - entry.submitted_at + eta)
+                        seconds = now - entry.submitted_at + eta
+                        warmed |= self._sample(entry, seconds, complete=True)
                     elif learner.eta_supported is None:
                         learner.eta_supported = False
                 elif status is TaskStatus.SUCCEED:
@@ -397,7 +433,8 @@ class Planner:
         else:  # no eta: what slower tasks took, a burst's pace, or back off
             delay = self._learned_delay(entry, now)
             if delay is None and policy.latency_budget is not None and self._censored(entry):
-                delay = 2 * policy.latency_budget
+                age = now - (entry.submitted_at or now)
+                delay = max(2 * policy.latency_budget, _BURST_PACE * age)
             if delay is None:
                 delay = entry.backoff
                 entry.backoff = min(entry.backoff * policy.backoff_factor, policy.max_interval)
@@ -450,16 +487,23 @@ class Planner:
         if listed is None:
             return False
         horizon = listed + 2 * (self.policy.latency_budget or 0.0)
-        return bisect.bisect_right(self._running, horizon) >= self.policy.warmup_samples
+        return self.peers.as_old(horizon) >= self.policy.warmup_samples
 
-    def forget(self, entry: Entry) -> None:
-        """``entry`` is no longer running here (finished or dropped)."""
+    def forget(self, entry: Entry) -> bool:
+        """``entry`` is no longer running here (finished or dropped). ``True`` when cold
+        first polls are to be re-planned: it released durations that warmed the learner,
+        or it was the last probe they waited for."""
         listed, entry.listed = entry.listed, None
-        if listed is not None:
-            running = self._running
-            i = bisect.bisect_left(running, listed)
-            if i < len(running) and running[i] == listed:
-                del running[i]
+        if listed is None:
+            return False
+        replan = False
+        for seconds, cost in self.peers.discard(listed):
+            replan |= self._learn(seconds, cost)
+        if entry.plan == "probed":
+            held = self._holding()
+            self._probed -= 1
+            replan |= held and not self._holding()
+        return replan
 
     def failed(self, entry: Entry, exc: Exception) -> Outcome:
         now = anyio.current_time()
@@ -509,11 +553,25 @@ class Planner:
         delay = policy.backoff_initial * policy.backoff_factor ** min(entry.errors - 1, 64)
         return min(max(delay, policy.min_interval), policy.max_interval)
 
-    def _sample(self, entry: Entry, seconds: float) -> bool:
-        """Learn one duration; True when that made the learner warm."""
+    def _sample(self, entry: Entry, seconds: float, *, complete: bool = False) -> bool:
+        """One duration of ``entry``, learnt now (``complete``: known before the task
+        ended, from an eta) or once its older peers are done (:class:`Peers`). True when
+        cold first polls can be re-planned: the first duration seen, or the learner
+        just got warm."""
         entry.sampled = True
+        if not 0 <= seconds <= MAX_SECONDS:
+            return False
+        first = self._fastest is None
+        self._fastest = seconds if self._fastest is None else min(seconds, self._fastest)
+        listed = entry.listed
+        if not complete and listed is not None and self.peers.hold(listed, seconds, entry.cost):
+            return first
+        return self._learn(seconds, entry.cost) or first
+
+    def _learn(self, seconds: float, cost: float | None) -> bool:
+        """Hand a duration to the learner; True when that made it warm."""
         learner, stats = self.learner, self.stats
-        warmed = learner.add(seconds, entry.cost)
+        warmed = learner.add(seconds, cost)
         stats.duration_samples = len(learner.raw)
         stats.duration_p50 = learner.raw.quantile(0.5) if len(learner.raw) else None
         if len(learner.per_cost):
@@ -526,6 +584,9 @@ class Planner:
             self.deliveries.add(arrived - entry.submitted_at, entry.cost)
 
     def settle_probe(self, entry: Entry) -> None:
+        """A probe answered (or left): no longer out, and running until forgotten."""
         if entry.plan == "probe":
             entry.plan = "probed"
             self.learner.probes_out -= 1
+            if entry.listed is not None:
+                self._probed += 1

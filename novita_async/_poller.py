@@ -317,7 +317,8 @@ class PollScheduler:
     # ------------------------------------------------------------------ scheduling
 
     def _replan_cold(self) -> None:
-        """The learner just got warm: move every cold first poll to its learned time."""
+        """The learner has its first duration or just got warm, or the last probe that
+        cold first polls waited for ended: re-plan every cold first poll."""
         for entry in self._entries.values():
             if entry.plan == "cold" and entry.sent == 0 and not entry.polling:
                 self._planner.replan(entry)
@@ -407,7 +408,9 @@ class PollScheduler:
 
     def _forget(self, entry: Entry) -> None:
         entry.heap_seq = -1  # its heap items are stale now
-        self._planner.forget(entry)
+        released = self._planner.forget(entry)
         if self._entries.get(entry.task_id) is entry:
             del self._entries[entry.task_id]
             self._stats.polls_by_task.pop(entry.task_id, None)
+        if released:
+            self._replan_cold()

@@ -428,11 +428,12 @@ def test_tight_durations_take_about_one_poll_and_no_blind_backoff() -> None:
 
 
 def test_a_cold_burst_past_its_first_finishers_is_polled_steadily() -> None:
-    """A cold burst of U(1, 3) s tasks without eta: the first samples are the first
-    finishers, so every running task is soon past all of them, with hundreds of peers as
-    old. Those are polled every 2 x latency_budget (0.8 s), not after a backoff growing
-    to 1.1 and 1.7 s (which left tasks 1.5 s late): fewer polls than a 1 s loop's
-    1 + E[ceil(D)] = 3.5, and no task more than 0.8 s late."""
+    """A cold burst of U(1, 3) s tasks without eta. Nothing is polled blindly before the
+    probes' first task ends; the first durations (the fastest tasks') are learnt only
+    with their older peers', and a task past every sample with hundreds of peers as old
+    is polled at a steady pace, not after a backoff growing to 1.1 and 1.7 s (which left
+    tasks 1.5 s late, at 3.6 polls): fewer polls than a 1 s loop's 1 + E[ceil(D)] = 3.5,
+    and no task a second late."""
 
     def duration(body: dict[str, Any]) -> float:
         return random.Random(body["request"]["prompt"]).uniform(1.0, 3.0)
@@ -450,8 +451,37 @@ def test_a_cold_burst_past_its_first_finishers_is_polled_steadily() -> None:
 
     lags, polls = trio.run(main, clock=MockClock(autojump_threshold=0))
     assert len(lags) == 400
-    assert polls <= 3.4
-    assert max(lags) <= 0.85
+    assert polls <= 2.8
+    assert max(lags) <= 1.0
+
+
+def test_a_cold_burst_of_fixed_plus_per_cost_durations_takes_few_polls() -> None:
+    """Durations of a fixed part U(0.6, 1.2) s plus a per-cost part, no eta, on a cold
+    client: the first polls wait for the probes' first durations, and no task is taken
+    for slow because the burst's fastest tasks finished first: about 2 polls per task
+    (3.5 when the whole burst was polled at a blind first_poll_delay and then went by
+    its fastest tasks' durations)."""
+
+    def duration(body: dict[str, Any]) -> float:
+        request = body["request"]
+        rng = random.Random(request["prompt"])
+        return rng.uniform(0.6, 1.2) + request["steps"] / 30
+
+    async def main() -> tuple[int, float]:
+        emu = NovitaEmulator(
+            durations=duration, clock=anyio.current_time, latency=0.005, report_eta=False
+        )
+        rng = random.Random(9)
+        requests = [req(f"affine {i}", steps=rng.choice(range(20, 61, 5))) for i in range(600)]
+        done = 0
+        async with emu.client() as client, client.txt2img_many(requests) as run:
+            async for item in run:
+                done += item.ok
+        return done, emu.polls_total / 600
+
+    done, polls = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert done == 600
+    assert polls <= 2.4
 
 
 def test_unknown_quota_adapts_to_429s_without_duplicates() -> None:
@@ -852,3 +882,26 @@ async def test_an_unreachable_api_stops_before_any_task() -> None:
     attempts = 1000 - counting.refuse_connections
     assert attempts == 2  # the first prompt and its one retry, then nothing
     assert all(isinstance(item.error, APIConnectionError) for item in items)
+
+
+def test_without_eta_a_cold_burst_waits_for_the_probes_first_end() -> None:
+    """A server without eta, a cold burst of 3 s tasks: before any task ends only the
+    probes are polled (the rest used to be polled blindly at first_poll_delay, 1 s);
+    the first end re-plans them all, so each is polled about once."""
+
+    async def main() -> tuple[int, int, int, float]:
+        emu = NovitaEmulator(durations=3.0, clock=anyio.current_time, report_eta=False)
+        probes = PollPolicy().warmup_samples
+        async with emu.client() as client, client.txt2img_many(reqs(100)) as run:
+            await anyio.sleep(2.9)  # virtual time: the tasks were submitted at once
+            early = emu.polls_total
+            polled = sum(1 for n in emu.polls.values() if n)
+            done = 0
+            async for item in run:
+                done += item.ok
+        return early, polled, probes, emu.polls_total / done
+
+    early, polled, probes, polls = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert polled == probes  # only the probes were polled before the first end
+    assert early <= 4 * probes  # at 0.25 s, then every 0.8 s
+    assert polls <= 2.0
