@@ -286,14 +286,17 @@ class Peers:
     would make every task still running look slower than all of them (the
     samples are censored). So a duration is learnt once at most ``2 %`` of the
     running tasks (at least one) were submitted before it: what is learnt is
-    whole cohorts, whatever order their tasks finished in.
+    whole cohorts, whatever order their tasks finished in. At most ``limit``
+    durations are held (older tasks stuck for good must not stop all learning):
+    past that, the oldest is learnt.
     """
 
-    __slots__ = ("_held", "_running")
+    __slots__ = ("_held", "_limit", "_running")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self._running: list[float] = []  # sorted
         self._held: list[tuple[float, float, float | None]] = []  # heap of (submitted, s, cost)
+        self._limit = limit
 
     def __len__(self) -> int:
         return len(self._running)
@@ -309,12 +312,19 @@ class Peers:
         """Running tasks submitted at or before ``submitted``."""
         return bisect.bisect_right(self._running, submitted)
 
-    def hold(self, submitted: float, seconds: float, cost: float | None) -> bool:
-        """Keep a duration back while too many older tasks still run; ``False``: learn it."""
+    def offer(
+        self, submitted: float, seconds: float, cost: float | None
+    ) -> list[tuple[float, float | None]]:
+        """A finished task's duration: the (seconds, cost) to learn now (it, unless too
+        many older tasks still run; or the oldest held, past ``limit``)."""
         if bisect.bisect_left(self._running, submitted) <= self._allowance():
-            return False
-        heapq.heappush(self._held, (submitted, seconds, cost))
-        return True
+            return [(seconds, cost)]
+        held = self._held
+        heapq.heappush(held, (submitted, seconds, cost))
+        if len(held) > self._limit:
+            _, seconds, cost = heapq.heappop(held)
+            return [(seconds, cost)]
+        return []
 
     def discard(self, submitted: float) -> list[tuple[float, float | None]]:
         """A task stopped running; returns the (seconds, cost) durations it released."""

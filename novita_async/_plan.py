@@ -310,7 +310,8 @@ class Planner:
             window=policy.learning_window, warmup=5, quantile=0.99, latency_budget=None
         )
         self.paused_until = -math.inf  # a 429 on a poll pauses every poll
-        self.peers = Peers()  # the running tasks (no webhook), and durations held back
+        #: The running tasks (no webhook), and durations held back.
+        self.peers = Peers(limit=4 * policy.learning_window)
         self._probed = 0  # probes answered and still running
         self._fastest: float | None = None  # the shortest duration seen (held back or not)
         self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
@@ -564,9 +565,12 @@ class Planner:
         first = self._fastest is None
         self._fastest = seconds if self._fastest is None else min(seconds, self._fastest)
         listed = entry.listed
-        if not complete and listed is not None and self.peers.hold(listed, seconds, entry.cost):
-            return first
-        return self._learn(seconds, entry.cost) or first
+        if complete or listed is None:
+            return self._learn(seconds, entry.cost) or first
+        warmed = first
+        for learnt, cost in self.peers.offer(listed, seconds, entry.cost):
+            warmed |= self._learn(learnt, cost)
+        return warmed
 
     def _learn(self, seconds: float, cost: float | None) -> bool:
         """Hand a duration to the learner; True when that made it warm."""

@@ -1328,26 +1328,29 @@ def _answered_at(planner: Any, entry: Any, result: TaskResult, now: float) -> fl
 def test_a_duration_is_learnt_once_its_older_peers_are_done() -> None:
     """A burst's fastest tasks finish first: their durations wait until (nearly) every
     task submitted before theirs has finished, so what is learnt is whole cohorts. One
-    straggler (up to 2 % of the running tasks) holds nothing back."""
+    straggler (up to 2 % of the running tasks) holds nothing back, and past its limit
+    the oldest held duration is learnt (stuck tasks must not stop all learning)."""
     from novita_async._learn import Peers
 
-    peers = Peers()
+    peers = Peers(limit=3)
     for submitted in range(100):
         peers.add(float(submitted))
     assert peers.as_old(9.0) == 10
-    assert not peers.hold(1.0, 1.5, None)  # one older task runs: learnt now
-    assert not peers.hold(2.0, 1.5, None)  # two: within 2 % of 100
-    assert peers.hold(50.0, 0.5, 2.0)  # 50 older tasks run: held back
-    assert peers.hold(30.0, 0.7, None)
-    assert peers.held == 2
+    assert peers.offer(1.0, 1.5, None) == [(1.5, None)]  # one older task runs: learnt now
+    assert peers.offer(2.0, 1.6, None) == [(1.6, None)]  # two: within 2 % of 100
+    assert peers.offer(50.0, 0.5, 2.0) == []  # 50 older tasks run: held back
+    assert peers.offer(30.0, 0.7, None) == []
+    assert peers.offer(60.0, 0.4, None) == []
+    assert peers.offer(70.0, 0.3, None) == [(0.7, None)]  # a fourth: the oldest is learnt
+    assert peers.offer(61.0, 0.2, None) == [(0.5, 2.0)]
+    assert peers.held == 3  # tasks 60, 61 and 70
     released = []
-    for submitted in range(28):
+    for submitted in range(58):
         released += peers.discard(float(submitted))
-    assert released == []  # task 30 still has two older peers running (28 and 29)
-    released += peers.discard(28.0)
-    assert released == [(0.7, None)]
-    for submitted in range(29, 49):
-        released += peers.discard(float(submitted))
-    assert released == [(0.7, None), (0.5, 2.0)]  # only task 49 is older than 50
-    assert peers.held == 0
-    assert len(peers) == 51
+    assert released == []  # task 60 still has two older peers running (58 and 59)
+    released += peers.discard(58.0)  # one straggler holds nothing back
+    assert released == [(0.4, None)]
+    released += peers.discard(59.0)
+    assert released == [(0.4, None), (0.2, None)]
+    assert peers.held == 1  # task 70: 60 to 69 still run
+    assert len(peers) == 40
