@@ -37,6 +37,8 @@ logger = logging.getLogger("novita_async")
 _WHOLE_ETAS = 5
 #: Within a burst past every sample, a task is polled at least every this fraction of its age.
 _BURST_PACE = 0.25
+#: Longest wait of a cold first poll for the probes' first duration (seconds).
+_COLD_HOLD = 60.0
 #: Errors that survived the transport's retries but say nothing about the task.
 _TRANSIENT = (APIConnectionError, ServerError, RateLimitError, MalformedResponseError)
 
@@ -369,10 +371,10 @@ class Planner:
 
         Once some are: ``latency_budget`` after their 5 % quantile (the first
         finishers), either way from ``first_poll_delay``. Before any, while the
-        server gives no ``eta`` and probes are still running, none: a poll before
-        anything finished tells nothing. The probes' first duration (or their
-        end, without one) re-plans every cold task (``Outcome.warmed``,
-        :meth:`forget`).
+        server gives no ``eta`` and probes are still running, none (for at most a
+        minute): a poll before anything finished tells nothing. The probes' first
+        duration (or their end, without one) re-plans every cold task
+        (``Outcome.warmed``, :meth:`forget`).
         """
         submitted = entry.submitted_at
         if submitted is None:
@@ -382,8 +384,8 @@ class Planner:
             early = self._fastest
         if early is not None:
             entry.next_at = submitted + max(early + (self.policy.latency_budget or 0.0), 0.0)
-        elif self._holding():
-            entry.next_at = math.inf
+        elif self._holding():  # at most _COLD_HOLD: probes stuck for good must not hang it
+            entry.next_at = submitted + max(_COLD_HOLD, self.policy.first_poll_delay)
         else:
             entry.next_at = submitted + self.policy.first_poll_delay
 

@@ -1354,3 +1354,35 @@ def test_a_duration_is_learnt_once_its_older_peers_are_done() -> None:
     assert released == [(0.4, None), (0.2, None)]
     assert peers.held == 1  # task 70: 60 to 69 still run
     assert len(peers) == 40
+
+
+def test_cold_first_polls_wait_for_stuck_probes_at_most_a_minute() -> None:
+    """Without eta, cold first polls wait for the probes' first end, but not for ever:
+    with the probes stuck for good, the other tasks are polled a minute after their
+    submission (before, they waited as long as the probes)."""
+
+    async def main() -> tuple[dict[str, float], FakeServer]:
+        server = FakeServer(eta=False)
+        sched = scheduler(server)
+        ends: dict[str, float] = {}
+
+        async def one(i: int, duration: float) -> None:
+            submitted = server.add(f"t{i}", duration)
+            await sched.wait(f"t{i}", hint=PollHint(submitted_at=submitted))
+            ends[f"t{i}"] = anyio.current_time()
+
+        async with running(sched), anyio.create_task_group() as tg:
+            for i in range(sched.policy.warmup_samples):
+                tg.start_soon(one, i, 10_000.0)  # the probes: stuck
+            await anyio.sleep(0.01)
+            for i in range(20, 30):
+                tg.start_soon(one, i, 2.0)
+            await anyio.sleep(100)
+            tg.cancel_scope.cancel()
+        return ends, server
+
+    ends, server = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    late = [ends.get(f"t{i}") for i in range(20, 30)]
+    assert None not in late
+    assert all(60.0 <= t <= 61.1 for t in late if t is not None)
+    assert min(server.times("t20")) >= 60.0  # nothing sooner: the probes might have ended
