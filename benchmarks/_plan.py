@@ -28,7 +28,7 @@ WARM_FORMS = ("with", "single")
 TIMEOUT_BASE = 90.0
 LOOPS = ("loop-0.25", "loop-0.5", "loop-1", "loop-2")
 #: Runs of each cold bare / ``async with`` cell; the table shows their mean.
-FORM_REPEATS = 2
+FORM_REPEATS = 3
 
 
 @dataclass(frozen=True)
