@@ -386,9 +386,9 @@ class _Engine:
             if self.refusal is not None:  # every POST would meet the same answer
                 self._deliver(entry, error=self.refusal)
                 continue
-            entry.submitted_at = anyio.current_time()
+            entry.submitted_at = anyio.current_time()  # until the POST is sent
             try:
-                task_id = await self.submitter.submit(
+                task_id, entry.submitted_at = await self.submitter.submit(
                     entry.request,
                     self.extra,
                     limiter=self.limiter,

@@ -219,7 +219,7 @@ class AsyncNovita:
         no usable answer, :class:`SubmissionUncertainError` is raised.
         """
         self._check_open()
-        return await self._submitter.submit(request, extra)
+        return (await self._submitter.submit(request, extra)).task_id
 
     async def get_task_result(self, task_id: str) -> TaskResult:
         """One ``GET /v3/async/task-result`` (retried on transient failures; an answer
@@ -284,8 +284,7 @@ class AsyncNovita:
         """Submit and wait. ``timeout``: the deadline in seconds for the result, counted
         from submission (not the HTTP timeout)."""
         self._check_running("AsyncNovita.txt2img")
-        submitted_at = anyio.current_time()
-        task_id = await self._submitter.submit(request, extra)
+        task_id, submitted_at = await self._submitter.submit(request, extra)
         hint = PollHint(
             submitted_at=submitted_at,
             cost=request.cost,

@@ -21,8 +21,9 @@ The Submitter is endpoint-agnostic: a request model names its ``endpoint``
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+import anyio
 import attrs
 
 from ._convert import request_body, submit_task_id
@@ -40,7 +41,7 @@ from ._transport import Decision, Transport, Uncertain
 if TYPE_CHECKING:
     from ._journal import AsyncJournal
 
-__all__ = ["JournalStepFailed", "RateLimiter", "Submitter"]
+__all__ = ["JournalStepFailed", "RateLimiter", "Submitted", "Submitter"]
 
 logger = logging.getLogger("novita_async")
 
@@ -66,10 +67,18 @@ class JournalStepFailed(Exception):
         self.task_id = task_id
 
 
+class Submitted(NamedTuple):
+    """A created task: its id, and ``anyio.current_time()`` as its POST was sent (after
+    pacing and the wait for a connection: when the task's clock starts)."""
+
+    task_id: str
+    sent_at: float
+
+
 class _Attempts:
     """One submission's hooks into the transport's request loop."""
 
-    __slots__ = ("admissions", "index", "journal", "limiters", "weight")
+    __slots__ = ("admissions", "index", "journal", "limiters", "sent_at", "weight")
 
     def __init__(
         self,
@@ -83,6 +92,7 @@ class _Attempts:
         self.journal = journal
         self.index = index
         self.admissions: list[tuple[RateLimiter, Any]] = []
+        self.sent_at = 0.0
 
     async def admit(self) -> None:
         self.admissions = []
@@ -94,6 +104,7 @@ class _Attempts:
             raise
 
     async def sending(self) -> None:
+        self.sent_at = anyio.current_time()
         if self.journal is not None:
             try:
                 await self.journal.mark_submitting(self.index)
@@ -169,8 +180,8 @@ class Submitter:
         limiter: RateLimiter | None = None,
         journal: AsyncJournal | None = None,
         index: int = -1,
-    ) -> str:
-        """Create one task and return its id; see the module docstring for the rules.
+    ) -> Submitted:
+        """Create one task; see the module docstring for the rules.
 
         ``limiter`` paces this submission on top of the client's limiter;
         ``journal`` and ``index`` record it (a batch's prompt).
@@ -191,7 +202,7 @@ class Submitter:
             attempts.withdraw()
             raise
         else:
-            return task_id
+            return Submitted(task_id, attempts.sent_at)
         raise SubmissionUncertainError(
             f"{request.endpoint} submission outcome unknown ({cause}); a task may have been "
             "created and billed, so it was not retried",

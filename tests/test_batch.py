@@ -905,3 +905,24 @@ def test_without_eta_a_cold_burst_waits_for_the_probes_first_end() -> None:
     assert polled == probes  # only the probes were polled before the first end
     assert early <= 4 * probes  # at 0.25 s, then every 0.8 s
     assert polls <= 2.0
+
+
+def test_concurrent_txt2img_calls_learn_durations_from_when_their_post_went() -> None:
+    """200 concurrent txt2img calls through 4 connections wait their turn to POST (up to
+    2.5 s): a task's clock starts when its POST is sent, so the 1 s tasks are learnt as
+    1 s (from the call's start they looked like 1 to 3.5 s, and were polled so)."""
+
+    async def main() -> tuple[float | None, float]:
+        emu = NovitaEmulator(
+            durations=1.0, clock=anyio.current_time, latency=0.05, report_eta=False
+        )
+        async with emu.client(max_connections=4, max_concurrent_polls=4) as client:
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(client.txt2img, req(f"single {i}"))
+            return client.scheduler.stats.duration_p50, emu.polls_total / 200
+
+    p50, polls = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert p50 is not None
+    assert 1.0 <= p50 <= 1.2
+    assert polls <= 2.0
