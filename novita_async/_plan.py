@@ -37,6 +37,8 @@ logger = logging.getLogger("novita_async")
 _WHOLE_ETAS = 5
 #: Within a burst past every sample, a task is polled at least every this fraction of its age.
 _BURST_PACE = 0.25
+#: Tasks running per probe from which a probe that others wait on is polled more often.
+_PROBE_FANOUT = 10
 #: Longest wait of a cold first poll for the probes' first duration (seconds).
 _COLD_HOLD = 60.0
 #: Errors that survived the transport's retries but say nothing about the task.
@@ -76,7 +78,8 @@ class PollPolicy:
       tasks are *probed* ``probe_delay`` after submission (their ``eta`` is a
       sample) and the others wait ``first_poll_delay`` or, once some durations
       are known, ``latency_budget`` after their 5 % quantile; a server without
-      ``eta`` makes them wait for the probes' first duration.
+      ``eta`` makes them wait for the probes' first duration (at most a minute;
+      probes of a large burst are then polled every ``latency_budget``).
     * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
       a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
     * One tick polls every task due within ``tick_coalesce`` of it (so a poll
@@ -389,6 +392,14 @@ class Planner:
         else:
             entry.next_at = submitted + self.policy.first_poll_delay
 
+    def _watched(self, entry: Entry) -> bool:
+        """A probe that cold first polls wait for, ``_PROBE_FANOUT`` times as many tasks
+        running as probes: its end is polled for every ``latency_budget`` (its extra
+        polls are few beside the tasks it releases)."""
+        if entry.plan != "probed" or not self._holding():
+            return False
+        return len(self.peers) >= _PROBE_FANOUT * (self.learner.probes_out + self._probed)
+
     def _holding(self) -> bool:
         """Cold first polls wait for the probes: no eta, and probes still running."""
         return self.learner.eta_supported is False and self.learner.probes_out + self._probed > 0
@@ -435,9 +446,12 @@ class Planner:
             entry.backoff = policy.backoff_initial
         else:  # no eta: what slower tasks took, a burst's pace, or back off
             delay = self._learned_delay(entry, now)
-            if delay is None and policy.latency_budget is not None and self._censored(entry):
+            budget = policy.latency_budget
+            if delay is None and budget is not None and self._watched(entry):
+                delay = budget  # many cold first polls wait for its end: see it soon
+            if delay is None and budget is not None and self._censored(entry):
                 age = now - (entry.submitted_at or now)
-                delay = max(2 * policy.latency_budget, _BURST_PACE * age)
+                delay = max(2 * budget, _BURST_PACE * age)
             if delay is None:
                 delay = entry.backoff
                 entry.backoff = min(entry.backoff * policy.backoff_factor, policy.max_interval)
