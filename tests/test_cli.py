@@ -536,8 +536,15 @@ async def test_ctrl_c_tells_what_was_paid_on_its_own_line(tmp_path: Path) -> Non
         argv = [sys.executable, "-m", "novita_async", "generate", "a", "b", "c"]
         argv += ["--base-url", server.base_url, "--journal", str(journal)]
         argv += ["--out", str(tmp_path / "out")]
+        # A shell's background job (``cmd &``) starts with SIGINT ignored, and its
+        # children inherit that: give the CLI the default Ctrl-C whatever runs the tests.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            process = await anyio.open_process(argv, env=env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         with anyio.fail_after(60):
-            async with await anyio.open_process(argv, env=env) as proc:
+            async with process as proc:
                 while emu.tasks_created < 3:
                     await anyio.sleep(0.05)
                 proc.send_signal(signal.SIGINT)
