@@ -5,7 +5,10 @@ the local clock, from Novita's ``debug_info`` timestamps or from a probe's
 ``eta``) and asks it when to poll a task first and, after an unfinished answer
 without ``eta``, when to poll next. It keeps two bounded windows (seconds, and
 seconds per unit of request cost) and predicts with the one whose relative
-spread is smaller. Pure computation: no I/O, no clock of its own.
+spread is smaller. :class:`Peers` holds a finished task's duration back until
+(nearly) every task submitted before it has finished too, so a burst's first
+finishers do not pass for all its durations. Pure computation: no I/O, no clock
+of its own.
 """
 
 from __future__ import annotations
