@@ -38,7 +38,7 @@ _WHOLE_ETAS = 5
 #: Within a burst past every sample, a task is polled at least every this fraction of its age.
 _BURST_PACE = 0.25
 #: Tasks running per probe from which a probe that others wait on is polled more often.
-_PROBE_FANOUT = 10
+_PROBE_FANOUT = 4
 #: Longest wait of a cold first poll for the probes' first duration (seconds).
 _COLD_HOLD = 60.0
 #: Errors that survived the transport's retries but say nothing about the task.
