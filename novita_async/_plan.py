@@ -450,7 +450,7 @@ class Planner:
             if delay is None and budget is not None and self._watched(entry):
                 delay = budget  # many cold first polls wait for its end: see it soon
             if delay is None and budget is not None and self._censored(entry):
-                age = now - (entry.submitted_at or now)
+                age = now - entry.listed if entry.listed is not None else 0.0
                 delay = max(2 * budget, _BURST_PACE * age)
             if delay is None:
                 delay = entry.backoff
