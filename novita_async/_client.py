@@ -155,6 +155,11 @@ class AsyncNovita:
 
     async def __aenter__(self) -> AsyncNovita:
         await self._host.start()
+        try:
+            self._transport.open()  # the pool is ready before the first request
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(
@@ -187,8 +192,9 @@ class AsyncNovita:
     @property
     def transport_name(self) -> str:
         """What carries the requests: ``"httpx-aiohttp"`` (the default on asyncio),
-        ``"httpx"`` (the default on trio), or the class name of the one you gave;
-        ``"not chosen yet"`` before the first request of a default client."""
+        ``"httpx-shards"`` (the default on trio), ``"httpx"`` (where the environment sets
+        proxies), or the class name of the one you gave; ``"not chosen yet"`` before a
+        default client is entered or makes its first request."""
         return self._transport.transport_name
 
     @property

@@ -27,6 +27,21 @@ async def test_default_transport_per_backend(anyio_backend: str) -> None:
     assert name == ("httpx-aiohttp" if anyio_backend == "asyncio" else "httpx-shards")
 
 
+async def test_entering_the_client_makes_its_pool_before_any_request(anyio_backend: str) -> None:
+    """The first request does not wait for the pool (on asyncio, aiohttp's import): it is
+    made on entering the client, and closed with it."""
+    emu = NovitaEmulator(durations=0.02)
+    client = emu.client(base_url="http://127.0.0.1:9", transport=None)
+    assert client.transport_name == "not chosen yet"
+    async with client:
+        assert client.transport_name == (
+            "httpx-aiohttp" if anyio_backend == "asyncio" else "httpx-shards"
+        )
+        assert not client._transport.http.is_closed
+        assert emu.submissions == 0
+    assert client._transport.http.is_closed
+
+
 async def test_a_hang_up_after_the_post_is_uncertain_on_the_default_transport() -> None:
     emu = NovitaEmulator(durations=0.02)
     emu.fail_next("txt2img", reset=True, after_create=True)  # created, then hung up
@@ -74,7 +89,7 @@ async def test_the_default_transport_keeps_max_connections_in_flight(anyio_backe
             await c.submit_txt2img(REQUEST)
             slots = c._transport._in_flight
             assert slots is not None
-            cap = max(cap, int(slots.total_tokens))
+            cap = max(cap, slots.max_value or 0)
 
         async with anyio.create_task_group() as tg:
             for _ in range(100):
