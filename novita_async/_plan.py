@@ -334,7 +334,9 @@ class Planner:
         offset = learner.first_poll(entry.cost)
         if offset is not None:
             entry.plan, entry.next_at = "learned", submitted + offset
-        elif learner.wants_probe():
+        elif learner.wants_probe() and self._whole_etas < _WHOLE_ETAS:
+            # (whole-second etas bound a duration without giving it: a probe would learn
+            # nothing a first poll does not)
             learner.probes_out += 1
             self.stats.probes += 1
             entry.plan, entry.next_at = "probe", submitted + self.policy.probe_delay
@@ -417,8 +419,9 @@ class Planner:
                 if not status.is_terminal:
                     if eta is not None:
                         learner.eta_supported = True
-                        seconds = now - entry.submitted_at + eta
-                        warmed |= self._sample(entry, seconds, complete=True)
+                        if eta % 1:  # an exact eta: the duration; a whole one only bounds it
+                            seconds = now - entry.submitted_at + eta
+                            warmed |= self._sample(entry, seconds, complete=True)
                     elif learner.eta_supported is None:
                         learner.eta_supported = False
                 elif status is TaskStatus.SUCCEED:
