@@ -17,7 +17,7 @@ from typing import Any
 
 from _forms import KNOB, KNOB_VALUES, KNOB_VALUES_QUICK
 
-__all__ = ["SECTIONS", "Sizes", "micro_plan", "plan", "sizes"]
+__all__ = ["MICRO_ROUNDS", "SECTIONS", "Sizes", "micro_plan", "plan", "sizes"]
 
 SECTIONS = ("workloads", "forms", "scale", "curve", "webhooks", "micro")
 FORM_WORKLOADS = ("uniform-eta", "uniform", "cost", "affine", "affine-const", "bursts")
@@ -29,6 +29,8 @@ TIMEOUT_BASE = 90.0
 LOOPS = ("loop-0.25", "loop-0.5", "loop-1", "loop-2")
 #: Runs of each cold bare / ``async with`` cell; the table shows their mean.
 FORM_REPEATS = 3
+#: Rounds of the transport micro-benchmark (the median is the cost basis).
+MICRO_ROUNDS = 3
 
 
 @dataclass(frozen=True)

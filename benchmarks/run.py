@@ -34,7 +34,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _jobs import JobError, emulator, run_worker  # noqa: E402
-from _plan import SECTIONS, loop_deadline, micro_plan, plan, sizes, timeout_for  # noqa: E402
+from _plan import (  # noqa: E402
+    MICRO_ROUNDS,
+    SECTIONS,
+    loop_deadline,
+    micro_plan,
+    plan,
+    sizes,
+    timeout_for,
+)
 from _report import (  # noqa: E402
     machine_facts,
     merge_loopback,
@@ -103,31 +111,42 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run_micro(
     specs: list[dict[str, Any]], seed: int, errors: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    out = []
+    """Every spec ``MICRO_ROUNDS`` times, round-robin (a busy moment of the machine hits
+    one round of each, not every round of one); per spec, the round with the median
+    CPU per request, with every round's kept in ``cpu_us_runs``."""
+    runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(specs))}
     with emulator("never", seed) as emu:
         marks: list[float] = []
 
         def mark() -> None:
             marks.append(emu.cpu())
 
-        for spec in specs:
-            job = {**spec, "base_url": emu.base_url}
-            try:
-                result = run_worker(job, timeout_for(spec), mark)
-            except JobError as exc:
-                print(f"  micro {spec['transport']} {spec['backend']} FAILED: {exc}")
-                errors.append({**spec, "error": str(exc)})
-                continue
-            server_cpu = emu.cpu() - marks[-1]
-            result["server_cpu_us_per_request"] = server_cpu / result["requests"] * 1e6
-            out.append(result)
-            rate, cpu = result["requests_per_s"], result["cpu_us_per_request"]
-            print(
-                f"  micro {result['transport']:>13} {result['backend']:<7} "
-                f"x{result['concurrency']:<4} "
-                f"{rate:6.0f} req/s {cpu:6.0f} us CPU/req",
-                flush=True,
-            )
+        for _ in range(MICRO_ROUNDS):
+            for i, spec in enumerate(specs):
+                job = {**spec, "base_url": emu.base_url}
+                try:
+                    result = run_worker(job, timeout_for(spec), mark)
+                except JobError as exc:
+                    print(f"  micro {spec['transport']} {spec['backend']} FAILED: {exc}")
+                    errors.append({**spec, "error": str(exc)})
+                    continue
+                server_cpu = emu.cpu() - marks[-1]
+                result["server_cpu_us_per_request"] = server_cpu / result["requests"] * 1e6
+                runs[i].append(result)
+                rate, cpu = result["requests_per_s"], result["cpu_us_per_request"]
+                print(
+                    f"  micro {result['transport']:>13} {result['backend']:<7} "
+                    f"x{result['concurrency']:<4} "
+                    f"{rate:6.0f} req/s {cpu:6.0f} us CPU/req",
+                    flush=True,
+                )
+    out = []
+    for done in runs.values():
+        if done:
+            ordered = sorted(done, key=lambda r: r["cpu_us_per_request"])
+            median = dict(ordered[len(ordered) // 2])
+            median["cpu_us_runs"] = [r["cpu_us_per_request"] for r in done]
+            out.append(median)
     return out
 
 
