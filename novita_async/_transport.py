@@ -659,7 +659,7 @@ class Transport:
         """
         retry = self.retry
         failures = rate_limited = 0
-        slots = self._in_flight or self.open()
+        slots = self.open()
         while True:
             error: NovitaError
             if attempts is None:
