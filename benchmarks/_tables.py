@@ -107,25 +107,15 @@ def _forms_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def baseline_cpu(rows: list[dict[str, Any]], client: str) -> dict[str, float]:
-    """workload -> CPU ms/task of a baseline loop at the main size (only if it delivered all)."""
+def baseline_cpu(
+    rows: list[dict[str, Any]], client: str, *, per_request: bool = False
+) -> dict[str, float]:
+    """workload -> CPU ms/task of a baseline loop at the main size (only if it delivered all);
+    ``per_request``: ms per request instead (its CPU ÷ its requests, 1 POST + polls)."""
     out = {
-        r["workload"]: r["client_cpu_ms_per_task"]
+        r["workload"]: r["client_cpu_ms_per_task"] / (1 + r["polls_per_task"] if per_request else 1)
         for r in rows
         if r["section"] == "workloads" and r["client"] == client and r["failures"] == 0
-    }
-    if "uniform" in out:
-        out["uniform-eta"] = out["uniform"]  # the loops ignore eta
-    return out
-
-
-def loop_cost_per_request(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """workload -> ms of client CPU per request of the 1 s loop (asyncio, httpx-aiohttp:
-    the library's default transport there), at the main size."""
-    out = {
-        r["workload"]: r["client_cpu_ms_per_task"] / (1 + r["polls_per_task"])
-        for r in rows
-        if r["section"] == "workloads" and r["client"] == "loop-1" and r["failures"] == 0
     }
     if "uniform" in out:
         out["uniform-eta"] = out["uniform"]  # the loops ignore eta
@@ -331,7 +321,7 @@ def _transport_tables(results: dict[str, Any]) -> list[str]:
         and r["form"] != "single"
     ]
     naive, loop = baseline_cpu(results["rows"], "naive"), baseline_cpu(results["rows"], "loop-1")
-    in_situ = loop_cost_per_request(results["rows"])
+    in_situ = baseline_cpu(results["rows"], "loop-1", per_request=True)
     out += [
         "",
         "Library CPU per task against what its requests cost on its default transport "

@@ -114,7 +114,7 @@ def run_micro(
     """Every spec ``MICRO_ROUNDS`` times, round-robin (a busy moment of the machine hits
     one round of each, not every round of one); per spec, the round with the median
     CPU per request, with every round's kept in ``cpu_us_runs``."""
-    runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(specs))}
+    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
     with emulator("never", seed) as emu:
         marks: list[float] = []
 
@@ -141,7 +141,7 @@ def run_micro(
                     flush=True,
                 )
     out = []
-    for done in runs.values():
+    for done in runs:
         if done:
             ordered = sorted(done, key=lambda r: r["cpu_us_per_request"])
             median = dict(ordered[len(ordered) // 2])

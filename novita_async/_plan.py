@@ -334,7 +334,7 @@ class Planner:
         offset = learner.first_poll(entry.cost)
         if offset is not None:
             entry.plan, entry.next_at = "learned", submitted + offset
-        elif learner.wants_probe() and self._whole_etas < _WHOLE_ETAS:
+        elif learner.wants_probe() and not self._etas_whole:
             # (whole-second etas bound a duration without giving it: a probe would learn
             # nothing a first poll does not)
             learner.probes_out += 1
@@ -461,6 +461,11 @@ class Planner:
         entry.next_at = now + min(max(delay, policy.min_interval), policy.max_interval)
         return Outcome(warmed=warmed)
 
+    @property
+    def _etas_whole(self) -> bool:
+        """This server's etas are whole seconds, rounded up (``_WHOLE_ETAS`` in a row)."""
+        return self._whole_etas >= _WHOLE_ETAS
+
     def _eta_delay(self, entry: Entry, eta: float, now: float) -> float:
         """When to poll after an answer with ``eta`` seconds left.
 
@@ -471,11 +476,11 @@ class Planner:
         needed) one at its end. Exact etas are polled at ``eta + eta_margin``.
         """
         margin = self.policy.eta_margin
-        if eta != int(eta):
+        if eta % 1:
             self._whole_etas = -1  # a fraction: this server's etas are exact
         elif self._whole_etas >= 0:
             self._whole_etas += 1
-        if self._whole_etas < _WHOLE_ETAS:
+        if not self._etas_whole:
             return eta + margin
         bound = now + eta
         if entry.finish_by is not None and now < entry.finish_by < bound:
