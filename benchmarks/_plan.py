@@ -12,16 +12,18 @@ The transport micro-benchmark has its own list (:func:`micro_plan`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from _forms import KNOB, KNOB_VALUES, KNOB_VALUES_QUICK
 
 __all__ = ["MICRO_ROUNDS", "SECTIONS", "Sizes", "micro_plan", "plan", "sizes"]
 
-SECTIONS = ("workloads", "forms", "scale", "curve", "webhooks", "micro")
+SECTIONS = ("workloads", "small", "forms", "scale", "curve", "webhooks", "micro")
 FORM_WORKLOADS = ("uniform-eta", "uniform", "cost", "affine", "affine-const", "bursts")
 CURVE_WORKLOADS = ("uniform", "affine")
+#: #9's "polls and p95 against the 1 s loop", also where that loop is not CPU-bound.
+SMALL_WORKLOADS = ("uniform-eta", "uniform")
 #: The hand-written httpx loop (slow when its pool collapses) runs on these only.
 NAIVE_WORKLOADS = ("uniform",)
 WARM_FORMS = ("with", "single")
@@ -44,11 +46,13 @@ class Sizes:
     knob_values: tuple[float, ...]
     micro_levels: tuple[int, ...]
     micro_seconds: float
+    small: int = 100  # prompts where the 1 s loop is not CPU-bound
 
 
 def sizes(quick: bool, tasks: int | None = None) -> Sizes:
     if quick:
         s = Sizes(200, 50, (100, 500, 2000), 100, 300, 15, KNOB_VALUES_QUICK, (16, 64, 512), 1.0)
+        s = replace(s, small=50)
     else:
         s = Sizes(1000, 150, (200, 1000, 10000), 200, 1000, 50, KNOB_VALUES, (16, 64, 512), 2.0)
     if tasks:
@@ -84,6 +88,12 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
                 out.append(_spec("workloads", w, z.main, kind="loop", client="loop-1"))
             if w in NAIVE_WORKLOADS:
                 out.append(_spec("workloads", w, z.main, kind="loop", client="naive"))
+    if "small" in sections:  # each cell the mean of FORM_REPEATS runs: 100 prompts vary more
+        for w in SMALL_WORKLOADS:
+            again = {"repeat": FORM_REPEATS}
+            out += [_spec("small", w, z.small, form=f, **again) for f in ("bare", "with")]
+            out.append(_spec("small", w, z.small, form="with", backend="trio", **again))
+            out.append(_spec("small", w, z.small, kind="loop", client="loop-1", **again))
     if "forms" in sections:  # trio; the asyncio side comes from "workloads"
         for w in FORM_WORKLOADS:
             out += [_spec("forms", w, z.main, form=f, backend="trio", **_repeat(f)) for f in forms]

@@ -160,6 +160,35 @@ def _workloads_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _small_table(rows: list[dict[str, Any]]) -> list[str]:
+    sel = [r for r in rows if r["section"] == "small"]
+    if not sel:
+        return []
+    loops = {r["workload"]: r for r in sel if r["client"] == "loop-1"}
+    out = [
+        f"### {sel[0]['tasks']} prompts: where the 1 s loop is not CPU-bound",
+        "",
+        "Goal (#9), as at 1000 prompts above: polls per task <= the fixed 1 s loop's and "
+        "added latency p95 below it, cold, default settings. Each cell is the mean of "
+        f"{max(len(r.get('runs', [])) for r in sel) or 1} runs.",
+        "",
+        "| workload | client | polls/task | added latency p50 / p95 (s) | client CPU ms/task | "
+        "polls ÷ 1 s loop | p95 ÷ 1 s loop | wall (s) | failures |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sel:
+        loop = loops.get(r["workload"], {})
+        out.append(
+            f"| {r['workload']} | {_label(r)} | {f(r['polls_per_task'])} | "
+            f"{f(r['latency_p50_s'])} / {f(r['latency_p95_s'])} | "
+            f"{f(r['client_cpu_ms_per_task'])} | "
+            f"{f(ratio(r['polls_per_task'], loop.get('polls_per_task')))} | "
+            f"{f(ratio(r['latency_p95_s'], loop.get('latency_p95_s')))} | "
+            f"{f(r['wall_s'], 1)} | {r['failures']} |"
+        )
+    return out
+
+
 def _scale_table(rows: list[dict[str, Any]]) -> list[str]:
     sel = [r for r in rows if r["section"] == "scale"]
     base = {}
@@ -363,6 +392,7 @@ def render(results: dict[str, Any]) -> str:
     for part in (
         _forms_table(rows),
         _workloads_table(rows),
+        _small_table(rows),
         _scale_table(rows),
         _curve_table(results),
         _webhooks_table(rows),

@@ -22,6 +22,7 @@ from novita_async import (
     RateLimitError,
     RetryPolicy,
     ServerError,
+    _transport,
 )
 from novita_async._transport import (
     NOT_GIVEN,
@@ -239,6 +240,30 @@ async def test_only_api_origin_is_signed(transport: Transport) -> None:
         request = transport.build("GET", url)
         assert "Authorization" not in request.headers, url
         assert request.url == httpx.URL(url)
+
+
+ODD_TASK_IDS = ["t", "3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b", "a b", "a/b?c=d&e#f", "%41+é", ""]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("replaceable", [True, False])
+async def test_a_poll_url_is_what_httpx_would_build(
+    transport: Transport, replaceable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task-result URL takes its query without a new parse of the whole URL (where
+    httpx allows it): the request is the one httpx builds itself, for any task id."""
+    monkeypatch.setattr(_transport, "_QUERY_REPLACEABLE", replaceable)
+    for task_id in ODD_TASK_IDS:
+        built = transport.build("GET", "/v3/async/task-result", params={"task_id": task_id})
+        expected = httpx.Request("GET", API + "/v3/async/task-result", params={"task_id": task_id})
+        assert str(built.url) == str(expected.url), task_id
+        assert built.url.params["task_id"] == task_id
+        assert (built.url.raw_path, built.url.host) == (expected.url.raw_path, expected.url.host)
+        assert built.headers["Authorization"] == f"Bearer {KEY}"
+    # an absolute URL that has a query keeps it
+    merged = transport.build("GET", API + "/v3/model?a=1", params={"b": "2"})
+    assert merged.url.params.multi_items() == [("a", "1"), ("b", "2")]
+    assert httpx.URL(API).host == merged.url.host
 
 
 # --------------------------------------------------------------------------- the secret
