@@ -51,8 +51,8 @@ from ._models import (
 )
 from ._poller import PollPolicy, PollStats
 from ._ratelimit import WeightedRateLimiter
+from ._retry import RetryPolicy
 from ._task_errors import SubmissionUncertainError, TaskFailedError, TaskTimeoutError
-from ._transport import RetryPolicy
 from ._version import __version__
 from ._webhooks import WebhookVerifier, parse_webhook
 

@@ -29,8 +29,9 @@ from ._errors import InvalidRequestError, NovitaError
 from ._host import HostState, TaskHost
 from ._models import Extra, Image, Model, TaskResult, Txt2ImgRequest
 from ._poller import PollHint, PollPolicy, PollScheduler
+from ._retry import RetryPolicy
 from ._submit import RateLimiter, Submitter
-from ._transport import NOT_GIVEN, NotGiven, RetryPolicy, Transport
+from ._transport import NOT_GIVEN, NotGiven, Transport
 from ._webhooks import WebhookBody, WebhookRelay, receive_webhook
 
 if TYPE_CHECKING:

@@ -35,8 +35,9 @@ from ._errors import (
     RateLimitError,
 )
 from ._models import Extra, Txt2ImgRequest, Webhook, check_submission
+from ._retry import Decision
 from ._task_errors import SubmissionUncertainError
-from ._transport import Decision, Transport, Uncertain
+from ._transport import Transport, Uncertain
 
 if TYPE_CHECKING:
     from ._journal import AsyncJournal

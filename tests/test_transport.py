@@ -24,13 +24,8 @@ from novita_async import (
     ServerError,
     _transport,
 )
-from novita_async._transport import (
-    NOT_GIVEN,
-    Transport,
-    _Secret,
-    parse_retry_after,
-    status_error,
-)
+from novita_async._retry import parse_retry_after, status_error
+from novita_async._transport import NOT_GIVEN, Transport, _Secret
 
 
 def make_transport(**overrides: Any) -> Transport:
