@@ -4,7 +4,8 @@ One :class:`PollScheduler` per client holds the table of tracked tasks (one
 *entry* per task_id, shared by all its waiters, so two waiters share one poll
 sequence), a heap of their next poll times, a pool of ``max_concurrent_polls``
 poll workers, and the :class:`~._plan.Planner` that decides when each task is
-polled (:mod:`._plan`: the policy, the duration learner, the rate-limit pause).
+polled (under a :class:`~._policy.PollPolicy`; it holds the duration learner and the
+rate-limit pause).
 
 It runs as ONE loop task in the client's task group (:meth:`PollScheduler.run`).
 Each tick pops every entry due within ``tick_coalesce`` from the heap
@@ -34,7 +35,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._errors import InvalidRequestError, NovitaError
 from ._models import TaskResult, TaskStatus
-from ._plan import Entry, Outcome, Planner, PollHint, PollPolicy, PollStats
+from ._plan import Entry, Outcome, Planner
+from ._policy import PollHint, PollPolicy, PollStats
 from ._task_errors import TaskFailedError, TaskTimeoutError
 
 __all__ = ["PollHint", "PollPolicy", "PollScheduler", "PollStats"]
