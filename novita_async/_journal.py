@@ -34,24 +34,8 @@ loss leaves ``submitting``: reported as uncertain, never paid twice by default.
 (If another process holds a long read transaction, the checkpoint cannot complete
 and the main file lags behind until it ends; the WAL still holds everything.)
 
-A new journal is created only where no file exists, and created complete: its
-schema is built in a temporary file in the same directory, which is then linked
-into place. So a journal file is never empty; an existing file that is empty
-(0 bytes), an empty sqlite database or anything but a journal is refused
-(:class:`JournalError`), never silently turned into a fresh journal: such a file at
-the journal's path means the journal was truncated, replaced or moved, and
-starting over would pay for every prompt again. Delete it to start a new batch.
-
-Only one writer at a time: a second writable :class:`Journal` on the same file
-(in this or another process, through the same path, a symlink or a hard link)
-raises :class:`JournalError` instead of racing the first one into double
-submissions. On Linux the writer holds an ``flock`` on the database file itself,
-which covers every path to the same inode (Linux keeps ``flock`` locks apart from
-the ``fcntl`` locks sqlite takes on the same file). Elsewhere it locks
-``<real path>-lock``, with symlinks resolved (hard links are not detected there).
-Network file systems are not supported (nor are they by sqlite).
-``Journal(path, read_only=True)`` can
-inspect a journal at any time, also while a batch is writing it.
+How a journal file is created (complete, never empty) and locked (one writer at a
+time): :mod:`._journal_file`.
 
 The batch engine talks to a journal through :class:`AsyncJournal`;
 :func:`as_async_journal` adapts a path or a :class:`Journal` to it, running every
@@ -65,22 +49,32 @@ import hashlib
 import json
 import os
 import sqlite3
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar, cast, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 import anyio.to_thread
 import attrs
 
 from ._convert import converter, request_body, task_result
-from ._errors import NovitaError
+from ._journal_file import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    STATES,
+    JournalError,
+    JournalState,
+    acquire_lock,
+    connect,
+    connect_read_only,
+    create,
+    release_lock,
+    same_file,
+)
 from ._models import Extra, TaskResult, Txt2ImgRequest
 
 __all__ = [
@@ -98,32 +92,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-JournalState = Literal[
-    "new", "submitting", "submitted", "uncertain", "rejected", "succeeded", "failed"
-]
-STATES: tuple[JournalState, ...] = get_args(JournalState)
-
-SCHEMA_VERSION = 1
-#: ``PRAGMA application_id`` of a journal ("NVJL"): tells our files from other sqlite files.
-APPLICATION_ID = 0x4E564A4C
-
-_SCHEMA = f"""
-CREATE TABLE records (
-    idx        INTEGER PRIMARY KEY,
-    key        TEXT    NOT NULL,
-    state      TEXT    NOT NULL CHECK (state IN ({", ".join(f"'{s}'" for s in STATES)})),
-    task_id    TEXT,
-    result     TEXT,
-    error      TEXT,
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    created_at REAL    NOT NULL,
-    updated_at REAL    NOT NULL
-);
-CREATE INDEX records_task_id ON records (task_id) WHERE task_id IS NOT NULL;
-PRAGMA application_id = {APPLICATION_ID};
-PRAGMA user_version = {SCHEMA_VERSION};
-"""
-
 _COLUMNS = "idx, key, state, task_id, result, error, attempts, created_at, updated_at"
 
 # target state -> states a row may move from. Moving to "submitting" (i.e. a POST,
@@ -136,10 +104,6 @@ _FROM: dict[JournalState, tuple[JournalState, ...]] = {
     "succeeded": ("submitted",),
     "failed": ("submitted",),
 }
-
-
-class JournalError(NovitaError):
-    """The journal cannot be used: locked by another writer, not a journal, bad transition…"""
 
 
 class JournalMismatchError(JournalError):
@@ -194,20 +158,20 @@ class Journal:
         self._conn: sqlite3.Connection | None = None
         try:
             if read_only:
-                self._conn = _connect_read_only(self.path)
+                self._conn = connect_read_only(self.path)
                 if self._inspect(self._conn):
                     raise JournalError(f"{self.path} is an empty database, not a journal")
             else:
                 if not os.path.lexists(self.path):
-                    _create(self.path)
-                self._lock_fd, self._identity = _acquire_lock(self.path)
+                    create(self.path)
+                self._lock_fd, self._identity = acquire_lock(self.path)
                 if self.path.stat().st_size == 0:
                     raise JournalError(
                         f"{self.path} is an empty file, not a journal (a journal is never "
                         "empty: it was truncated or replaced?); delete it to start a new batch"
                     )
-                self._conn = _connect(self.path)
-                _same_file(self.path, self._lock_fd)
+                self._conn = connect(self.path)
+                same_file(self.path, self._lock_fd)
                 self._prepare(self._conn)
         except BaseException as exc:
             self.close()
@@ -242,7 +206,7 @@ class Journal:
                     conn.close()
             finally:
                 if fd is not None:
-                    _release_lock(fd, self._identity)
+                    release_lock(fd, self._identity)
 
     @property
     def closed(self) -> bool:
@@ -579,152 +543,6 @@ def _record(row: tuple[Any, ...] | sqlite3.Row) -> JournalRecord:
 
 def _dump_result(result: TaskResult) -> str:
     return json.dumps(converter.unstructure(result), separators=(",", ":"))
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: no implicit transactions; every write is an explicit
-    # BEGIN IMMEDIATE ... COMMIT. check_same_thread=False: callers may use worker
-    # threads (anyio.to_thread); Journal._mutex serializes all use of the connection.
-    return sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-
-
-def _create(path: Path) -> None:
-    """Create a complete, empty journal at ``path`` unless a file appears there first.
-
-    The schema is built in a temporary file next to ``path``, which is then hard-linked
-    into place (never over an existing file), so ``path`` never holds a half-made or
-    empty journal. Without hard links (some file systems) the bytes are copied into a
-    file created exclusively.
-    """
-    directory = path.parent
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=directory)
-    except OSError as exc:
-        raise JournalError(f"cannot create journal {path}: {exc}") from exc
-    os.close(fd)
-    temporary = Path(name)
-    try:
-        conn = sqlite3.connect(temporary, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("COMMIT")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        finally:
-            conn.close()
-        _fsync(temporary)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return  # created meanwhile by another process: open that one
-        except OSError:
-            _copy_exclusive(temporary, path)
-        _fsync(directory)
-    except sqlite3.Error as exc:
-        raise JournalError(f"cannot create journal {path}: {exc}") from exc
-    finally:
-        for leftover in (temporary, *(Path(f"{temporary}{s}") for s in ("-wal", "-shm"))):
-            leftover.unlink(missing_ok=True)
-
-
-def _copy_exclusive(source: Path, target: Path) -> None:
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "wb") as out:
-        out.write(source.read_bytes())
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or (where possible) a directory; best effort for directories."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _same_file(path: Path, fd: int) -> None:
-    """The locked file must still be the one at ``path`` (not swapped meanwhile)."""
-    if not sys.platform.startswith("linux"):
-        return
-    locked, current = os.fstat(fd), os.stat(path)
-    if (locked.st_dev, locked.st_ino) != (current.st_dev, current.st_ino):
-        raise JournalError(f"journal {path} was replaced while it was being opened")
-
-
-def _connect_read_only(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise JournalError(f"no journal at {path}")
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    return sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
-
-
-# (st_dev, st_ino) of the files this process holds a writer lock on. Checked before
-# opening another descriptor: closing a descriptor of a file drops every fcntl lock this
-# process holds on it, sqlite's included, so a refused open must not open and close one.
-_LOCKED: set[tuple[int, int]] = set()
-_LOCKED_MUTEX = threading.Lock()
-
-
-def _acquire_lock(path: Path) -> tuple[int, tuple[int, int]]:
-    """Exclusive, non-blocking lock on the real file; the OS drops it if the process dies.
-
-    Linux: ``flock`` on the database file itself (its inode: any path, symlink or hard
-    link to it conflicts). Elsewhere: ``<resolved path>-lock`` (symlinks resolved).
-    Returns the locked descriptor and the file's identity (release with
-    :func:`_release_lock`).
-    """
-    real = path.resolve()
-    on_file = sys.platform.startswith("linux")
-    lock_path = real if on_file else real.with_name(real.name + "-lock")
-    in_use = JournalError(
-        f"journal {path} is in use by another batch; two writers could submit the same prompt twice"
-    )
-    with _LOCKED_MUTEX:
-        try:
-            info = os.stat(real)
-        except OSError as exc:
-            raise JournalError(f"cannot open journal {path}: {exc}") from exc
-        identity = (info.st_dev, info.st_ino)
-        if identity in _LOCKED:
-            raise in_use
-        try:
-            fd = os.open(lock_path, os.O_RDONLY if on_file else os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise JournalError(f"cannot open lock file {lock_path}: {exc}") from exc
-        try:
-            if sys.platform == "win32":
-                import msvcrt
-
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise in_use from exc
-        _LOCKED.add(identity)
-    return fd, identity
-
-
-def _release_lock(fd: int, identity: tuple[int, int]) -> None:
-    with _LOCKED_MUTEX:
-        _LOCKED.discard(identity)
-        os.close(fd)  # releases the lock
 
 
 Replay = Literal["send", "wait", "succeeded", "failed", "uncertain"]
