@@ -24,33 +24,35 @@ from ._journal import Journal, JournalError, JournalMismatchError, JournalRecord
 from ._models import (
     SAMPLERS,
     UPSCALERS,
-    Audio,
-    AudioMetadata,
     AwsS3Storage,
     CustomStorage,
-    DebugInfo,
     Embedding,
     EnterprisePlan,
     Extra,
     HiresFix,
-    Image,
     Lora,
+    Refiner,
+    Txt2ImgRequest,
+    Webhook,
+    WebhookTestMode,
+)
+from ._policy import PollPolicy, PollStats
+from ._ratelimit import WeightedRateLimiter
+from ._results import (
+    Audio,
+    AudioMetadata,
+    DebugInfo,
+    Image,
     Model,
     ModelType,
     NsfwDetectionResult,
-    Refiner,
     ResultExtra,
     Task,
     TaskResult,
     TaskStatus,
-    Txt2ImgRequest,
     Video,
-    Webhook,
     WebhookEvent,
-    WebhookTestMode,
 )
-from ._poller import PollPolicy, PollStats
-from ._ratelimit import WeightedRateLimiter
 from ._retry import RetryPolicy
 from ._task_errors import SubmissionUncertainError, TaskFailedError, TaskTimeoutError
 from ._version import __version__

@@ -68,10 +68,11 @@ from ._journal import (
     replay,
     request_key,
 )
-from ._models import TASK_REQUESTS, Extra, Task, TaskResult, TaskStatus, Txt2ImgRequest
+from ._models import TASK_REQUESTS, Extra, Txt2ImgRequest
 from ._models import check_submission as _check
-from ._poller import PollHint
+from ._policy import PollHint
 from ._ratelimit import WeightedRateLimiter
+from ._results import Task, TaskResult, TaskStatus
 from ._submit import JournalStepFailed
 from ._task_errors import SubmissionUncertainError, TaskFailedError, TaskTimeoutError
 

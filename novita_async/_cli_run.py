@@ -23,7 +23,8 @@ from ._errors import (
     PermissionDeniedError,
 )
 from ._journal import JournalError
-from ._models import Extra, Image, Txt2ImgRequest
+from ._models import Extra, Txt2ImgRequest
+from ._results import Image
 
 if TYPE_CHECKING:
     from ._batch import BatchItem, BatchRun

@@ -27,8 +27,10 @@ from ._convert import task_result_for
 from ._download import DEFAULT_MAX_IMAGE_BYTES
 from ._errors import InvalidRequestError, NovitaError
 from ._host import HostState, TaskHost
-from ._models import Extra, Image, Model, TaskResult, Txt2ImgRequest
-from ._poller import PollHint, PollPolicy, PollScheduler
+from ._models import Extra, Txt2ImgRequest
+from ._policy import PollHint, PollPolicy
+from ._poller import PollScheduler
+from ._results import Image, Model, TaskResult
 from ._retry import RetryPolicy
 from ._submit import RateLimiter, Submitter
 from ._transport import NOT_GIVEN, NotGiven, Transport

@@ -25,15 +25,14 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn
 
 from ._errors import MalformedResponseError
-from ._models import (
-    Extra,
+from ._models import Extra, Txt2ImgRequest
+from ._results import (
     Model,
     ModelType,
     NsfwDetectionResult,
     ResultExtra,
     TaskResult,
     TaskStatus,
-    Txt2ImgRequest,
     WebhookEvent,
 )
 

@@ -39,7 +39,7 @@ import anyio
 import httpx
 
 from ._errors import DownloadError, ImageExpiredError
-from ._models import Image, TaskResult
+from ._results import Image, TaskResult
 from ._transport import Transport
 
 __all__ = [

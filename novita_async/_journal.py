@@ -75,7 +75,8 @@ from ._journal_file import (
     release_lock,
     same_file,
 )
-from ._models import Extra, TaskResult, Txt2ImgRequest
+from ._models import Extra, Txt2ImgRequest
+from ._results import TaskResult
 
 __all__ = [
     "AsyncJournal",

@@ -18,7 +18,7 @@ import heapq
 import math
 from collections import deque
 
-from ._models import TaskResult
+from ._results import TaskResult
 
 __all__ = ["MAX_SECONDS", "Learner", "Peers", "Window"]
 

@@ -18,7 +18,7 @@ import httpx
 
 from ._convert import model as parse_model
 from ._errors import InvalidRequestError, MalformedResponseError
-from ._models import Model
+from ._results import Model
 from ._transport import Transport
 
 __all__ = ["MAX_PAGE_SIZE", "MODEL_PATH", "ModelIterator", "iter_models", "model_params"]

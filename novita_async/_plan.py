@@ -26,8 +26,8 @@ from ._errors import (
     ServerError,
 )
 from ._learn import MAX_SECONDS, Learner, Peers
-from ._models import Task, TaskResult, TaskStatus
 from ._policy import PollHint, PollPolicy, PollStats
+from ._results import Task, TaskResult, TaskStatus
 
 __all__ = ["Entry", "Outcome", "Planner"]
 

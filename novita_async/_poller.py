@@ -34,12 +34,12 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import InvalidRequestError, NovitaError
-from ._models import TaskResult, TaskStatus
 from ._plan import Entry, Outcome, Planner
 from ._policy import PollHint, PollPolicy, PollStats
+from ._results import TaskResult, TaskStatus
 from ._task_errors import TaskFailedError, TaskTimeoutError
 
-__all__ = ["PollHint", "PollPolicy", "PollScheduler", "PollStats"]
+__all__ = ["PollScheduler"]
 
 
 # --------------------------------------------------------------------------- scheduler

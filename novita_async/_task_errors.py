@@ -7,7 +7,8 @@ while these errors refer to the models.)
 from __future__ import annotations
 
 from ._errors import NovitaError
-from ._models import Extra, TaskResult, Txt2ImgRequest
+from ._models import Extra, Txt2ImgRequest
+from ._results import TaskResult
 
 __all__ = ["SubmissionUncertainError", "TaskFailedError", "TaskTimeoutError"]
 

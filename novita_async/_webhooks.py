@@ -25,7 +25,7 @@ import anyio
 
 from ._convert import webhook_event
 from ._errors import MalformedResponseError, NotFoundError, WebhookVerificationError
-from ._models import TaskResult, WebhookEvent
+from ._results import TaskResult, WebhookEvent
 
 if TYPE_CHECKING:
     from ._poller import PollScheduler

@@ -12,7 +12,7 @@ from _support import MODEL
 from novita_async import Journal, JournalError, JournalRecord, Txt2ImgRequest, request_key
 from novita_async._convert import task_result
 from novita_async._journal import AsyncJournal, as_async_journal
-from novita_async._models import TaskResult
+from novita_async._results import TaskResult
 
 pytestmark = pytest.mark.anyio
 

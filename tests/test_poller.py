@@ -40,8 +40,9 @@ from novita_async import (
 )
 from novita_async._errors import InvalidRequestError
 from novita_async._learn import Learner
-from novita_async._models import DebugInfo, ResultExtra, Task, TaskResult, TaskStatus
-from novita_async._poller import PollHint, PollScheduler
+from novita_async._policy import PollHint
+from novita_async._poller import PollScheduler
+from novita_async._results import DebugInfo, ResultExtra, Task, TaskResult, TaskStatus
 
 EPOCH_MS = 1_700_000_000_000  # the fake server's wall clock = EPOCH_MS + anyio time
 

@@ -47,7 +47,7 @@ from .._journal import (
     _dump_result,
 )
 from .._journal import _record as _journal_record
-from .._models import TaskResult
+from .._results import TaskResult
 from ._common import UNAVAILABLE, RedisConnection, RedisLike, require_asyncio, tagged, text
 from ._journal_lua import BEGIN_LUA, MARK_LUA, RELEASE_LUA, RENEW_LUA
 

@@ -29,7 +29,7 @@ import anyio.abc
 import attrs
 import httpx
 
-from .._models import TaskStatus
+from .._results import TaskStatus
 from ._wire import IMAGE_BASE_URL
 
 if TYPE_CHECKING:

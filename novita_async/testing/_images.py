@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Mapping
 from xml.sax.saxutils import escape
 
-from .._models import TaskStatus
+from .._results import TaskStatus
 from ._tasks import EmulatedTask
 from ._wire import Call, Reply
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeAlias
 
 import attrs
 
-from .._models import TaskStatus
+from .._results import TaskStatus
 from ._wire import format_seconds
 
 __all__ = [
