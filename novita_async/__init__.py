@@ -1,7 +1,8 @@
 """novita_async: an anyio client for Novita AI's v3 async image API."""
 
-from ._batch import BatchItem, BatchRun
+from ._batch import BatchRun
 from ._client import AsyncNovita
+from ._engine import BatchItem
 from ._errors import (
     APIConnectionError,
     APIStatusError,

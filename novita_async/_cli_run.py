@@ -27,8 +27,9 @@ from ._models import Extra, Txt2ImgRequest
 from ._results import Image
 
 if TYPE_CHECKING:
-    from ._batch import BatchItem, BatchRun
+    from ._batch import BatchRun
     from ._client import AsyncNovita
+    from ._engine import BatchItem
 
 __all__ = ["Job", "Live", "Outcome", "describe", "exit_status", "print_summary", "run_job"]
 

@@ -15,16 +15,10 @@ import anyio
 import anyio.abc
 import httpx
 
-from ._batch import (
-    DEFAULT_CONCURRENT_SUBMISSIONS,
-    BatchItem,
-    BatchRun,
-    _Engine,
-    check_requests,
-    make_limiter,
-)
+from ._batch import BatchRun, check_requests, make_limiter
 from ._convert import task_result_for
 from ._download import DEFAULT_MAX_IMAGE_BYTES
+from ._engine import DEFAULT_CONCURRENT_SUBMISSIONS, BatchItem, Engine
 from ._errors import InvalidRequestError, NovitaError
 from ._host import HostState, TaskHost
 from ._models import Extra, Txt2ImgRequest
@@ -360,7 +354,7 @@ class AsyncNovita:
                     f"max_concurrent_polls={polls} exceeds its max_connections="
                     f"{self.max_connections}; raise max_connections or lower one of them"
                 )
-        engine = _Engine(
+        engine = Engine(
             submitter=self._submitter,
             scheduler=self._scheduler,
             requests=requests,

@@ -34,8 +34,8 @@ from novita_async import (
     Txt2ImgRequest,
     request_key,
 )
-from novita_async._batch import BatchItem
 from novita_async._convert import request_body, task_result
+from novita_async._engine import BatchItem
 from novita_async.testing import NovitaEmulator
 
 
