@@ -330,7 +330,7 @@ class Transport:
         url, headers, prepared = target
         if self._owns_client:
             if params:
-                url = _with_query(url, str(httpx.QueryParams(params)))  # httpx's own encoding
+                url = _with_params(url, params)
             content = None
             if json_body is not None:
                 content = json.dumps(
@@ -495,14 +495,14 @@ class Transport:
         return response
 
 
-def _with_query(url: httpx.URL, query: str) -> httpx.URL:
-    """``url`` with ``query``, encoded by ``httpx.QueryParams`` (so nothing in it needs
-    quoting). A URL without a query keeps its parsed parts and takes ``query``
-    where that gives what httpx's own parse gives (checked once, at import): parsing the
-    whole URL again was about half of a task-result request's building."""
+def _with_params(url: httpx.URL, params: Mapping[str, Any]) -> httpx.URL:
+    """``url`` with the query ``params`` (httpx's own encoding). A URL without a query
+    keeps its parsed parts and takes the encoded query where that gives what httpx's
+    own parse gives (checked once, at import): parsing the whole URL again was about
+    half of a task-result request's building. Otherwise httpx merges them."""
     if _QUERY_REPLACEABLE and not url.query:
-        return _replace_query(url, query)
-    return url.copy_merge_params(httpx.QueryParams(query))
+        return _replace_query(url, str(httpx.QueryParams(params)))
+    return url.copy_merge_params(params)
 
 
 def _replace_query(url: httpx.URL, query: str) -> httpx.URL:
@@ -527,7 +527,7 @@ def _query_replacing_agrees() -> bool:
         return False
 
 
-#: httpx's URL can take a new query without a parse (see :func:`_with_query`).
+#: httpx's URL can take a new query without a parse (see :func:`_with_params`).
 _QUERY_REPLACEABLE: Final = _query_replacing_agrees()
 
 
