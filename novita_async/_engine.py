@@ -241,20 +241,28 @@ class Engine:
             await journal.open()
             await self._replay(journal)
             keepalive = getattr(journal, "keepalive", None)
+            # A leased journal renews its lease until the work is over, also after a stop:
+            # a POST on the wire is waited for (shielded) and its task id journaled then.
+            lease = anyio.CancelScope(shield=True)
             async with anyio.create_task_group() as outer:
-                if keepalive is not None:  # a leased journal renews its lease meanwhile
-                    outer.start_soon(self._keepalive, keepalive)
-                await self._work()
-                outer.cancel_scope.cancel()
+                if keepalive is not None:
+                    outer.start_soon(self._keepalive, keepalive, lease)
+                try:
+                    await self._work()
+                finally:
+                    lease.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await journal.aclose()
 
-    async def _keepalive(self, keepalive: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await keepalive()
-        except Exception as exc:  # the lease is lost: no write may follow
-            self._fail(exc)
+    async def _keepalive(
+        self, keepalive: Callable[[], Awaitable[None]], scope: anyio.CancelScope
+    ) -> None:
+        with scope:
+            try:
+                await keepalive()
+            except Exception as exc:  # the lease is lost: no write may follow
+                self._fail(exc)
 
     async def _work(self) -> None:
         async with anyio.create_task_group() as tg:

@@ -615,3 +615,35 @@ async def test_outage_longer_than_the_lease_fails_the_run_clearly(
     assert end["event"] == "failed", end
     assert end["leaves"] == ["JournalError"], end
     assert end["error_type"] == "JournalError", end
+
+
+@pytest.mark.anyio
+async def test_a_post_answered_after_a_stop_keeps_its_task_id_past_the_lease(
+    redis_url: str, redis_key: str
+) -> None:
+    """A run stopped while its POST is on the wire waits (shielded) for the answer, which
+    may take longer than the lease (the transport's read timeout is 60 s, the default
+    lease 30 s). The lease must be renewed until then: the task id is journaled, so a
+    rerun waits for that task instead of reporting the paid prompt uncertain."""
+    lease = 0.6
+    requests = [Txt2ImgRequest(model_name="redis-model", prompt=prompt(0))]
+    name = journal_name(redis_key)
+    emu = NovitaEmulator(durations=0.05, latency=3 * lease)  # the POST's answer comes late
+    with anyio.fail_after(STEP_TIMEOUT):
+        async with emu.client() as client, look_at(redis_url, name) as look:
+            journal = RedisJournal(redis_url, name, lease=lease)
+            async with client.txt2img_many(requests, journal=journal) as run:
+
+                async def posting() -> bool:
+                    return (await look.states())["submitting"] == 1
+
+                await wait_for(posting, "the POST to be on the wire")
+            # leaving the block stopped the run once the POST had its answer
+            assert run.pending_task_ids == tuple(emu.tasks)
+            record = (await look.records())[0]
+            assert record.state == "submitted", record
+            assert record.task_id == run.pending_task_ids[0]
+            rerun = RedisJournal(redis_url, name, lease=lease)
+            items = [item async for item in client.txt2img_many(requests, journal=rerun)]
+    assert items[0].ok, items[0].error
+    assert emu.tasks_created == 1
