@@ -25,7 +25,7 @@ Identity: the journal is the main file alone. WAL keeps new commits in ``<path>-
 until a checkpoint copies them into the main file; a journal moved or copied without
 its ``-wal`` (e.g. after a ``kill -9``, which leaves the WAL behind) would lose them
 and a rerun would pay again. So every ``mark_*`` and ``begin`` checkpoints
-(``wal_checkpoint(FULL)``: the main file is written and fsynced) before it returns,
+(``wal_checkpoint(PASSIVE)``: the main file is written and fsynced) before it returns,
 and opening a journal for writing folds a dead writer's WAL into the main file first.
 Whatever the batch does *after* a write returns is therefore recorded in the main
 file; a ``kill -9`` between a commit and its checkpoint loses at most that one write,
@@ -346,9 +346,11 @@ class Journal:
                 conn.rollback()
                 raise
             conn.execute("COMMIT")
-            # Copy the commit into the main file now (see "Identity" above). A busy
-            # answer (a reader holds an old snapshot) is not an error: the WAL has it.
-            conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+            # Copy the commit into the main file now (see "Identity" above). PASSIVE
+            # never waits: FULL would wait (busy timeout, 10 s) for any reader holding an
+            # old snapshot, in every write, i.e. before every POST. Frames such a reader
+            # still needs stay in the WAL (not an error) until a later write.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _row(self, conn: sqlite3.Connection, index: int) -> tuple[Any, ...]:
         row = conn.execute(f"SELECT {_COLUMNS} FROM records WHERE idx = ?", (index,)).fetchone()

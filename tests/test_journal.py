@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -589,6 +590,34 @@ def test_second_writer_through_a_hard_link_is_refused_across_processes(
             if stream is not None:
                 stream.close()
     Journal(db).close()
+
+
+def test_a_reader_holding_a_snapshot_does_not_stall_writes(tmp_path: Path, db: Path) -> None:
+    """Readers are welcome while a batch writes: another program holding a read
+    transaction (here an unfinished SELECT) must not hold up each write (each POST) for
+    sqlite's 10 s busy timeout; the checkpoint just lags until the reader is done."""
+    with Journal(db) as journal:
+        journal.begin(entries(3))
+        other = sqlite3.connect(db)
+        try:
+            rows = other.execute("SELECT idx FROM records")
+            rows.fetchone()  # the statement is still running: its snapshot is held
+            started = time.monotonic()
+            journal.mark_submitting(0)
+            journal.mark_submitted(0, "task-0")
+            assert time.monotonic() - started < 2.0
+            rows.fetchall()
+        finally:
+            other.close()
+        journal.mark_submitting(1)  # no reader any more: checkpointed into the main file
+        copy = tmp_path / "copy.db"
+        shutil.copyfile(db, copy)  # the main file alone
+    with Journal(copy) as copied:
+        assert [(r.state, r.task_id) for r in copied.records()] == [
+            ("submitted", "task-0"),
+            ("submitting", None),
+            ("new", None),
+        ]
 
 
 def test_read_only_journal_sees_live_writes_and_cannot_write(db: Path) -> None:
