@@ -449,8 +449,10 @@ def as_async_journal(
       first use and ``aclose()`` when done;
     * a :class:`Journal`: used in worker threads; ``owned`` is False: the user opened
       it and closes it (``open()`` / ``aclose()`` of the adapter do nothing);
-    * an :class:`AsyncJournal`: returned as is, ``owned`` False (the user opens and
-      closes it).
+    * an :class:`AsyncJournal`: returned as is, ``owned`` False; the engine still calls
+      its ``open()`` before the first write and ``aclose()`` when the run ends, so it is
+      passed unopened (a :class:`~novita_async.redis.RedisJournal` takes and releases
+      its lease then).
     """
     if isinstance(journal, Journal):
         return _ThreadedJournal(journal), False

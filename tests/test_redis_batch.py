@@ -647,3 +647,19 @@ async def test_a_post_answered_after_a_stop_keeps_its_task_id_past_the_lease(
             items = [item async for item in client.txt2img_many(requests, journal=rerun)]
     assert items[0].ok, items[0].error
     assert emu.tasks_created == 1
+
+
+@pytest.mark.anyio
+async def test_a_journal_opened_by_the_user_is_refused_before_any_post(
+    redis_url: str, redis_key: str
+) -> None:
+    """txt2img_many opens (takes the lease of) and closes the journal it is given: one the
+    user opened first is refused with a message saying so, and nothing is paid."""
+    requests = [Txt2ImgRequest(model_name="redis-model", prompt=prompt(0))]
+    emu = NovitaEmulator(durations=0.05)
+    with anyio.fail_after(STEP_TIMEOUT):
+        async with emu.client() as client, RedisJournal(redis_url, journal_name(redis_key)) as j:
+            with pytest.raises(JournalError, match="pass it unopened"):
+                async with client.txt2img_many(requests, journal=j) as run:
+                    [item async for item in run]
+    assert emu.tasks_created == 0

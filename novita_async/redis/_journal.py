@@ -106,7 +106,10 @@ class RedisJournal:
         """Take the lease, or raise :class:`JournalError` if another live run holds it."""
         require_asyncio("RedisJournal")
         if self._token is not None:
-            raise JournalError(f"journal {self.name!r} is already open")
+            raise JournalError(
+                f"journal {self.name!r} is already open (txt2img_many(journal=...) opens "
+                "and closes the journal it is given: pass it unopened)"
+            )
         token = secrets.token_hex(16)
         client = self._redis.client
         taken = await self._call(client.set, self._keys[0], token, nx=True, px=self._lease_ms)
