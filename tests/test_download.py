@@ -120,6 +120,23 @@ async def test_no_credentials_even_from_a_user_http_client_with_default_auth() -
     assert "cookie" not in request.headers
 
 
+@pytest.mark.parametrize("timeout", [30.0, None])
+async def test_downloads_with_a_user_http_client_honour_an_explicit_timeout(
+    timeout: float | None,
+) -> None:
+    # AsyncNovita(timeout=...) is the HTTP timeout of each request, also with your own
+    # http_client: an image download (and each redirect hop) is one of those requests.
+    host = ImageHost()
+    host.script.append(lambda request: httpx.Response(302, headers={"Location": "/b.png"}))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(host), timeout=httpx.Timeout(9.0))
+    with anyio.fail_after(10):
+        async with http, AsyncNovita("secret-key", http_client=http, timeout=timeout) as client:
+            assert await client.download_image(presigned()) == PNG
+    assert len(host.requests) == 2
+    for request in host.requests:
+        assert request.extensions["timeout"] == httpx.Timeout(timeout).as_dict()
+
+
 async def test_image_url_on_the_api_host_is_not_signed_either() -> None:
     host = ImageHost()
     async with client_for(host) as client:
