@@ -67,6 +67,8 @@ _MAX_STEM = 100
 STALE_PART_AGE = 60.0
 _PART = re.compile(r"^\..+\.[0-9a-f]{8}\.part$")
 _cleaned: dict[str, float] = {}  # directory -> time.monotonic() of its last cleanup
+#: Part files this process is writing now: never stale, however long since their last write.
+_live_parts: set[str] = set()
 _WINDOWS_RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
     | {f"COM{i}" for i in range(1, 10)}
@@ -142,9 +144,12 @@ def _shown(url: httpx.URL) -> str:
 
 
 def _build(transport: Transport, url: httpx.URL) -> httpx.Request:
-    request = transport.http.build_request(
-        "GET", url, headers={"User-Agent": transport.user_agent, "Accept": "image/*, */*;q=0.5"}
-    )
+    headers = {"User-Agent": transport.user_agent, "Accept": "image/*, */*;q=0.5"}
+    timeout = transport.timeout_override  # AsyncNovita(timeout=...) with a user's http_client
+    if timeout is None:
+        request = transport.http.build_request("GET", url, headers=headers)
+    else:
+        request = transport.http.build_request("GET", url, headers=headers, timeout=timeout)
     # The client may carry default headers of its own (a user's http_client):
     # whatever they are, credentials never go to the image host.
     for name in ("Authorization", "Proxy-Authorization", "Cookie"):
@@ -431,6 +436,7 @@ async def save_image(
     except OSError as exc:
         _cannot_save(path, exc)
     temp = target.parent / f".{safe_name(target.name)}.{secrets.token_hex(4)}.part"
+    _live_parts.add(str(temp))
 
     async def write(next_chunk: Callable[[], Awaitable[bytes | None]]) -> None:
         async with await anyio.open_file(temp, "wb") as file:  # "wb": a retry starts over
@@ -446,6 +452,8 @@ async def save_image(
         if isinstance(exc, OSError):
             _cannot_save(path, exc)
         raise
+    finally:
+        _live_parts.discard(str(temp))
     return Path(path)
 
 
@@ -455,7 +463,8 @@ def _cannot_save(path: Path, exc: OSError) -> NoReturn:
 
 async def _clean_stale_parts(directory: Path) -> None:
     """Remove ``.part`` files of dead processes from ``directory`` (at most once per
-    ``STALE_PART_AGE`` per directory and process; our live part files are never stale)."""
+    ``STALE_PART_AGE`` per directory and process; this process's live part files are
+    never stale, even when a slow body leaves them unwritten for longer)."""
     key = str(directory)
     now = time.monotonic()
     last = _cleaned.get(key)
@@ -472,7 +481,7 @@ def _remove_stale_parts(directory: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        if not _PART.match(entry.name):
+        if not _PART.match(entry.name) or entry.path in _live_parts:
             continue
         try:
             if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:

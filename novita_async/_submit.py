@@ -191,6 +191,8 @@ class Submitter:
         if self.webhooked(extra):  # the caller's own Extra.webhook wins
             extra = attrs.evolve(extra if extra is not None else Extra(), webhook=self._webhook)
         body = request_body(request, extra)
+        if limiter is self.rate_limiter:  # one limiter given twice paces once
+            limiter = None
         limiters = tuple(x for x in (limiter, self.rate_limiter) if x is not None)
         attempts = _Attempts(request.weight, limiters, journal, index)
         try:

@@ -257,6 +257,12 @@ class Transport:
             self._http = self._owned_client(_default_transport(self.max_connections))
         return self._http
 
+    @property
+    def timeout_override(self) -> httpx.Timeout | None:
+        """The ``timeout`` given with a user's ``http_client``, for every request to any
+        host (:meth:`build`, image downloads); None: the httpx client's own applies."""
+        return self._timeout_override
+
     def _in_flight_cap(self) -> int:
         """Requests in flight at most: the pool's size; on httpx's own single pool (an owned
         client where the environment sets proxies), whose CPU cost per request grows with

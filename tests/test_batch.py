@@ -291,6 +291,22 @@ async def test_one_client_shared_by_concurrent_batches() -> None:
     assert counting.max_posts_in_flight <= 16
 
 
+async def test_the_clients_limiter_passed_to_a_run_counts_each_image_once() -> None:
+    # The README's "one quota" setup: AsyncNovita(rate_limiter=limiter) and the same
+    # limiter as a run's images_per_minute. Each submission must take its weight from it
+    # once, not once as the run's limiter and again as the client's.
+    emu = NovitaEmulator(durations=0.01)
+    limiter = WeightedRateLimiter(20)
+    client, _ = client_for(emu, rate_limiter=limiter)
+    with anyio.fail_after(10):  # counted twice, the third prompt waited a minute
+        async with client:
+            items = await client.txt2img_all(
+                [req(f"p{i}", image_num=4) for i in range(3)], images_per_minute=limiter
+            )
+    assert all(item.ok for item in items)
+    assert limiter.admitted == 12
+
+
 # --------------------------------------------------------------------------- 429, 503, uncertain
 
 

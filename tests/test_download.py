@@ -27,6 +27,7 @@ from novita_async import (
     TaskResult,
     TaskStatus,
     Txt2ImgRequest,
+    _download,
 )
 from novita_async._download import image_filename, safe_name
 from novita_async.testing import ManualClock, NovitaEmulator
@@ -118,6 +119,23 @@ async def test_no_credentials_even_from_a_user_http_client_with_default_auth() -
     (request,) = host.requests
     assert "authorization" not in request.headers
     assert "cookie" not in request.headers
+
+
+@pytest.mark.parametrize("timeout", [30.0, None])
+async def test_downloads_with_a_user_http_client_honour_an_explicit_timeout(
+    timeout: float | None,
+) -> None:
+    # AsyncNovita(timeout=...) is the HTTP timeout of each request, also with your own
+    # http_client: an image download (and each redirect hop) is one of those requests.
+    host = ImageHost()
+    host.script.append(lambda request: httpx.Response(302, headers={"Location": "/b.png"}))
+    http = httpx.AsyncClient(transport=httpx.MockTransport(host), timeout=httpx.Timeout(9.0))
+    with anyio.fail_after(10):
+        async with http, AsyncNovita("secret-key", http_client=http, timeout=timeout) as client:
+            assert await client.download_image(presigned()) == PNG
+    assert len(host.requests) == 2
+    for request in host.requests:
+        assert request.extensions["timeout"] == httpx.Timeout(timeout).as_dict()
 
 
 async def test_image_url_on_the_api_host_is_not_signed_either() -> None:
@@ -586,6 +604,49 @@ async def test_stale_part_files_are_cleaned_on_the_next_save(tmp_path: Path) -> 
     async with client_for(host) as client:
         await client.save_image(presigned(), tmp_path / "new.png")
     assert names_in(tmp_path) == [".image-1.png.89abcdef.part", ".notes.part", "new.png"]
+
+
+async def test_a_slow_live_download_is_not_cleaned_away_by_a_save_beside_it(
+    tmp_path: Path,
+) -> None:
+    """A body arriving slower than one chunk per ``STALE_PART_AGE`` leaves its part file
+    untouched that long: a save into the same folder must not take it for a dead
+    process's and delete it (the slow save then failed at its rename)."""
+    release = anyio.Event()
+    body = PNG * 200  # over one 256 KiB chunk: one write, then the stream stalls
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield body[: len(body) // 2]
+        await release.wait()
+        yield body[len(body) // 2 :]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("slow.png"):
+            return httpx.Response(200, content=slow_body())
+        return httpx.Response(200, content=PNG)
+
+    host = ImageHost(handler)
+    saved: list[Path] = []
+
+    async def slow_save(client: AsyncNovita) -> None:
+        saved.append(await client.save_image(presigned("/slow.png"), tmp_path / "slow.png"))
+
+    with anyio.fail_after(10):
+        async with client_for(host) as client, anyio.create_task_group() as tg:
+            tg.start_soon(slow_save, client)
+            parts: list[anyio.Path] = []
+            while not parts or (await parts[0].stat()).st_size == 0:  # one chunk written
+                await anyio.sleep(0.01)
+                parts = [p async for p in anyio.Path(tmp_path).iterdir() if p.suffix == ".part"]
+            (part,) = parts
+            old = time.time() - 3600  # no write for an hour, as far as its mtime says
+            os.utime(part, (old, old))
+            _download._cleaned.clear()  # the folder's last cleanup is long past
+            await client.save_image(presigned(), tmp_path / "other.png")
+            release.set()
+    assert saved == [tmp_path / "slow.png"]
+    assert (tmp_path / "slow.png").read_bytes() == body
+    assert names_in(tmp_path) == ["other.png", "slow.png"]
 
 
 async def test_user_client_cookies_are_not_sent_on_redirects() -> None:
