@@ -26,6 +26,7 @@ submission.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -439,4 +440,7 @@ class Engine:
         )
         if task_id is not None:
             self.undelivered[entry.index] = task_id
-        self.send.send_nowait(item)
+        # The handle may be freed (a bare loop was left): not a failure of the run, and a
+        # task id stays pending, so the stop's warning reports it.
+        with contextlib.suppress(anyio.BrokenResourceError):
+            self.send.send_nowait(item)

@@ -564,6 +564,32 @@ async def test_abandoned_bare_loop_logs_pending_tasks(caplog: pytest.LogCaptureF
     assert all(task_id in messages[0] for task_id in emu.tasks if emu.tasks[task_id].duration > 1)
 
 
+async def test_break_while_a_refused_post_is_on_the_wire_reports_paid_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A POST on the wire at a bare loop's break that ends in an error item (the reader
+    is gone) must not turn the stop into a failure that skips the warning listing the
+    paid tasks never delivered."""
+    emu = NovitaEmulator(durations=by_prompt(slow=5.0, fast=0.01))
+    emu.fail_next("txt2img", status=None, times=2)  # the first two POSTs answer normally
+    emu.fail_next("txt2img", status=500, delay=0.3)  # the third is on the wire at the break
+    client, _ = client_for(emu)
+    with anyio.fail_after(10):
+        async with client:
+            with caplog.at_level(logging.WARNING, logger="novita_async"):
+                got = []
+                async for item in client.txt2img_many(
+                    [req("fast"), req("slow"), req("third")], max_concurrent_submissions=1
+                ):
+                    got.append(item.task_id)
+                    break
+                await anyio.sleep(0.5)  # the third POST gets its 500 (uncertain)
+    [paid] = [task_id for task_id in emu.tasks if task_id not in got]
+    messages = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert len(messages) == 1
+    assert paid in messages[0]
+
+
 async def test_bare_loop_consumes_the_input_lazily() -> None:
     pulled = 0
 
