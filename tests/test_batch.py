@@ -30,6 +30,7 @@ from novita_async import (
     InvalidRequestError,
     Journal,
     JournalMismatchError,
+    NovitaError,
     PollPolicy,
     RetryPolicy,
     ServerError,
@@ -702,6 +703,22 @@ async def test_cancel_running_batch_from_outside() -> None:
         assert (counting.posts_sent, emu.polls_total) == (sent, polls)
         assert_no_task_lost(emu, got, run.pending_task_ids)
         assert run.closed
+
+
+async def test_client_closed_while_the_last_prompts_are_paced_fails_the_run() -> None:
+    """Prompts taken from the input but not sent yet (paced) when the client closes are
+    not items: the run fails with the client's closing, not a clean, short end."""
+    emu = NovitaEmulator(durations=0.01)
+    client, counting = client_for(emu)
+    with anyio.fail_after(10):
+        async with client:
+            run = client.txt2img_many(reqs(3), images_per_minute=1)  # the rest waits a minute
+            first = await run.__anext__()
+        assert first.ok
+        assert counting.posts_sent == 1
+        with pytest.raises(NovitaError, match="closed during the batch"):
+            await run.__anext__()  # was StopAsyncIteration: 1 item for 3 prompts, no error
+        assert run.state.value == "failed"
 
 
 @pytest.mark.parametrize("hosted", [True, False], ids=["async-with", "bare"])
