@@ -358,6 +358,7 @@ class Engine:
         while (entry := self._take()) is not None:
             if self.refusal is not None:  # every POST would meet the same answer
                 self._deliver(entry, error=self.refusal)
+                await anyio.lowlevel.checkpoint()  # a long (or endless) input: let others run
                 continue
             entry.submitted_at = anyio.current_time()  # until the POST is sent
             self.sending.add(entry.index)  # until it is submitted or an item
