@@ -23,7 +23,7 @@ from ._errors import InvalidRequestError, NovitaError
 from ._host import HostState, TaskHost
 from ._models import Extra, Txt2ImgRequest
 from ._policy import PollHint, PollPolicy
-from ._poller import PollScheduler
+from ._poller import PollScheduler, check_timeout
 from ._results import Image, Model, TaskResult
 from ._retry import RetryPolicy
 from ._submit import RateLimiter, Submitter
@@ -287,6 +287,7 @@ class AsyncNovita:
         """Submit and wait. ``timeout``: the deadline in seconds for the result, counted
         from submission (not the HTTP timeout)."""
         self._check_running("AsyncNovita.txt2img")
+        check_timeout(timeout)  # after the POST, its task id would be lost with the error
         task_id, submitted_at = await self._submitter.submit(request, extra)
         hint = PollHint(
             submitted_at=submitted_at,

@@ -26,6 +26,7 @@ submission.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -159,6 +160,7 @@ class Engine:
         self.source: Iterator[tuple[int, Any]] | None = enumerate(requests)
         self.queue: list[_Entry] = []  # replayed entries to send first
         self.waiting: dict[int, _Entry] = {}  # submitted, outcome unknown
+        self.sending: set[int] = set()  # taken by a worker, not submitted (nor an item) yet
         self.undelivered: dict[int, str] = {}  # in the stream, with a task id
         self.send, self.receive = anyio.create_memory_object_stream[BatchItem](math.inf)
         self.state = BatchState.NEW
@@ -224,7 +226,7 @@ class Engine:
             elif self.state is BatchState.STOPPING:  # type: ignore[comparison-overlap]
                 self.state = BatchState.STOPPED
                 self.report_abandoned()
-            elif self.source is not None or self.queue or self.waiting:
+            elif self.source is not None or self.queue or self.waiting or self.sending:
                 self.state = BatchState.FAILED  # cancelled from outside: the client closed
                 self.failure = NovitaError("the AsyncNovita client closed during the batch")
             else:
@@ -364,8 +366,10 @@ class Engine:
         while (entry := self._take()) is not None:
             if self.refusal is not None:  # every POST would meet the same answer
                 self._deliver(entry, error=self.refusal)
+                await anyio.lowlevel.checkpoint()  # a long (or endless) input: let others run
                 continue
             entry.submitted_at = anyio.current_time()  # until the POST is sent
+            self.sending.add(entry.index)  # until it is submitted or an item
             try:
                 task_id, entry.submitted_at = await self.submitter.submit(
                     entry.request,
@@ -390,6 +394,7 @@ class Engine:
                 self._deliver(entry, error=exc)
                 continue
             entry.task_id = task_id  # synchronously after the shielded POST: never lost
+            self.sending.discard(entry.index)
             self.waiting[entry.index] = entry
             self.submitted += 1
             tg.start_soon(self._wait, entry)
@@ -436,6 +441,7 @@ class Engine:
         replay: bool = False,
     ) -> None:
         self.waiting.pop(entry.index, None)
+        self.sending.discard(entry.index)
         task_id = task_id if task_id is not None else entry.task_id
         item = BatchItem(
             index=entry.index,
@@ -447,4 +453,7 @@ class Engine:
         )
         if task_id is not None:
             self.undelivered[entry.index] = task_id
-        self.send.send_nowait(item)
+        # The handle may be freed (a bare loop was left): not a failure of the run, and a
+        # task id stays pending, so the stop's warning reports it.
+        with contextlib.suppress(anyio.BrokenResourceError):
+            self.send.send_nowait(item)

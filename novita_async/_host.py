@@ -67,15 +67,26 @@ class TaskHost:
             ready = anyio.Event()
             self._stop = anyio.Event()
             self._task = loop.create_task(self._host(ready))
-            await ready.wait()
+            try:
+                await ready.wait()
+            except BaseException:  # cancelled while entering: the host task must not outlive it
+                await self.aclose()
+                raise
             if self._tg is None:  # the host failed before it was ready
                 await self._task
         else:
             group = anyio.create_task_group()
             self._tg = await group.__aenter__()
             self._cm = group
-            for service in self._services:
-                await self._tg.start(service)
+            try:
+                for service in self._services:
+                    await self._tg.start(service)
+            except BaseException:  # (cancelled) while entering: leave the group, in this task
+                self.state = HostState.CLOSED
+                self._tg.cancel_scope.cancel()
+                self._tg = self._cm = None
+                await group.__aexit__(None, None, None)
+                raise
 
     async def _host(self, ready: anyio.Event) -> None:
         try:

@@ -39,7 +39,13 @@ from ._policy import PollHint, PollPolicy, PollStats
 from ._results import TaskResult, TaskStatus
 from ._task_errors import TaskFailedError, TaskTimeoutError
 
-__all__ = ["PollScheduler"]
+__all__ = ["PollScheduler", "check_timeout"]
+
+
+def check_timeout(timeout: float | None) -> None:
+    """A wait's deadline must be None or a number >= 0 (raised before any POST)."""
+    if timeout is not None and not timeout >= 0:
+        raise InvalidRequestError(f"timeout must be None or >= 0, got {timeout!r}")
 
 
 # --------------------------------------------------------------------------- scheduler
@@ -208,8 +214,7 @@ class PollScheduler:
         after ``timeout`` seconds (its polling stops unless others still wait),
         and whatever non-transient error a poll raised (e.g. authentication).
         """
-        if timeout is not None and not timeout >= 0:
-            raise InvalidRequestError(f"timeout must be None or >= 0, got {timeout!r}")
+        check_timeout(timeout)
         if self._send is None:
             raise RuntimeError("the poll scheduler is not running (enter the client first)")
         now = anyio.current_time()

@@ -30,6 +30,7 @@ from novita_async import (
     InvalidRequestError,
     Journal,
     JournalMismatchError,
+    NovitaError,
     PollPolicy,
     RetryPolicy,
     ServerError,
@@ -580,6 +581,32 @@ async def test_abandoned_bare_loop_logs_pending_tasks(caplog: pytest.LogCaptureF
     assert all(task_id in messages[0] for task_id in emu.tasks if emu.tasks[task_id].duration > 1)
 
 
+async def test_break_while_a_refused_post_is_on_the_wire_reports_paid_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A POST on the wire at a bare loop's break that ends in an error item (the reader
+    is gone) must not turn the stop into a failure that skips the warning listing the
+    paid tasks never delivered."""
+    emu = NovitaEmulator(durations=by_prompt(slow=5.0, fast=0.01))
+    emu.fail_next("txt2img", status=None, times=2)  # the first two POSTs answer normally
+    emu.fail_next("txt2img", status=500, delay=0.3)  # the third is on the wire at the break
+    client, _ = client_for(emu)
+    with anyio.fail_after(10):
+        async with client:
+            with caplog.at_level(logging.WARNING, logger="novita_async"):
+                got = []
+                async for item in client.txt2img_many(
+                    [req("fast"), req("slow"), req("third")], max_concurrent_submissions=1
+                ):
+                    got.append(item.task_id)
+                    break
+                await anyio.sleep(0.5)  # the third POST gets its 500 (uncertain)
+    [paid] = [task_id for task_id in emu.tasks if task_id not in got]
+    messages = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert len(messages) == 1
+    assert paid in messages[0]
+
+
 async def test_bare_loop_consumes_the_input_lazily() -> None:
     pulled = 0
 
@@ -692,6 +719,22 @@ async def test_cancel_running_batch_from_outside() -> None:
         assert (counting.posts_sent, emu.polls_total) == (sent, polls)
         assert_no_task_lost(emu, got, run.pending_task_ids)
         assert run.closed
+
+
+async def test_client_closed_while_the_last_prompts_are_paced_fails_the_run() -> None:
+    """Prompts taken from the input but not sent yet (paced) when the client closes are
+    not items: the run fails with the client's closing, not a clean, short end."""
+    emu = NovitaEmulator(durations=0.01)
+    client, counting = client_for(emu)
+    with anyio.fail_after(10):
+        async with client:
+            run = client.txt2img_many(reqs(3), images_per_minute=1)  # the rest waits a minute
+            first = await run.__anext__()
+        assert first.ok
+        assert counting.posts_sent == 1
+        with pytest.raises(NovitaError, match="closed during the batch"):
+            await run.__anext__()  # was StopAsyncIteration: 1 item for 3 prompts, no error
+        assert run.state.value == "failed"
 
 
 @pytest.mark.parametrize("hosted", [True, False], ids=["async-with", "bare"])
@@ -887,6 +930,32 @@ async def test_a_refused_key_stops_the_submissions(status: int) -> None:
     assert len(items) == 30
     assert all(type(item.error).__name__ == "AuthenticationError" for item in items)
     assert {id(item.error) for item in items[1:]} == {id(items[0].error)}
+
+
+async def test_a_refused_key_with_an_endless_input_lets_the_reader_leave() -> None:
+    """After a refused key every prompt becomes an item without a request: an endless
+    (lazy) input must not hold the event loop while the engine turns it into items."""
+    pulled = 0
+
+    def endless() -> Iterator[Txt2ImgRequest]:
+        nonlocal pulled
+        while pulled < 200_000:  # a guard, so that the bug fails the test, not hangs it
+            pulled += 1
+            yield req(f"prompt {pulled}")
+
+    emu = NovitaEmulator(durations=0.01)
+    emu.fail_next("txt2img", status=403, reason="INVALID_API_KEY", times=10)
+    client, counting = client_for(emu)
+    got = []
+    with anyio.fail_after(10):
+        async with client:
+            async for item in client.txt2img_many(endless(), max_concurrent_submissions=1):
+                got.append(item)
+                if len(got) == 5:
+                    break
+    assert counting.posts_sent == 1
+    assert all(type(item.error).__name__ == "AuthenticationError" for item in got)
+    assert pulled < 1000  # was all 200,000, in one step of the event loop
 
 
 async def test_an_unreachable_api_stops_before_any_task() -> None:

@@ -205,6 +205,21 @@ async def test_invalid_submissions_raise_before_any_network_call(
     assert route.call_count == 0
 
 
+@pytest.mark.parametrize("timeout", [-1.0, float("nan"), "5"])
+async def test_txt2img_rejects_a_bad_timeout_before_paying_for_a_task(
+    api: respx.MockRouter, timeout: Any
+) -> None:
+    """A timeout that cannot be waited with is refused before the POST: after it, the
+    task was paid for and its id, in no error, was lost."""
+    route = api.post(SUBMIT).mock(return_value=ok_submit())
+    client, _ = make_client()
+    with anyio.fail_after(10):
+        async with client:
+            with pytest.raises((InvalidRequestError, TypeError)):
+                await client.txt2img(REQUEST, timeout=timeout)
+    assert route.call_count == 0
+
+
 async def test_model_validation_happens_before_the_client_is_involved(
     api: respx.MockRouter,
 ) -> None:

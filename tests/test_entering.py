@@ -101,3 +101,23 @@ async def test_closing_ends_pending_waits_and_refuses_new_ones() -> None:
         await client.submit_txt2img(REQUEST)
     with pytest.raises(RuntimeError, match=r"once|closed"):
         await client.__aenter__()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_enter_leaves_nothing_running() -> None:
+    """A deadline or a shutdown that cancels ``async with AsyncNovita()`` while it enters:
+    no scheduler left running in a host task (asyncio), no nursery left open in the
+    caller's task (trio: "Cancel scope stack corrupted"); the client is closed."""
+    emu = NovitaEmulator(durations=0.02)
+    client = emu.client()
+    with anyio.fail_after(5):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            async with client:
+                pytest.fail("entered a cancelled scope")
+        assert scope.cancelled_caught
+        await anyio.sleep(0.05)
+        assert not client.scheduler.running
+        assert client.is_closed
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.__aenter__()
