@@ -327,12 +327,14 @@ class Engine:
         try:
             _check(request, self.extra)
         except InvalidRequestError as exc:
-            self.send.send_nowait(BatchItem(index=index, request=request, error=exc))
+            self._send(BatchItem(index=index, request=request, error=exc))
             return None
         return _Entry(index, request)
 
-    def _take(self) -> _Entry | None:
-        """The next request to submit: replayed ones first, then the input."""
+    async def _take(self) -> _Entry | None:
+        """The next request to submit: replayed ones first, then the input (each invalid
+        request an item, then a checkpoint: a long or endless run of them must not hold
+        the event loop)."""
         if self.queue:
             return self.queue.pop()
         while self.source is not None:
@@ -347,6 +349,7 @@ class Engine:
             entry = self._entry(index, request)
             if entry is not None:
                 return entry
+            await anyio.lowlevel.checkpoint()
         return None
 
     def _fail(self, exc: BaseException) -> None:
@@ -363,7 +366,7 @@ class Engine:
             self._fail(exc)
 
     async def _submit_all(self, tg: anyio.abc.TaskGroup) -> None:
-        while (entry := self._take()) is not None:
+        while (entry := await self._take()) is not None:
             if self.refusal is not None:  # every POST would meet the same answer
                 self._deliver(entry, error=self.refusal)
                 await anyio.lowlevel.checkpoint()  # a long (or endless) input: let others run
@@ -453,6 +456,9 @@ class Engine:
         )
         if task_id is not None:
             self.undelivered[entry.index] = task_id
+        self._send(item)
+
+    def _send(self, item: BatchItem) -> None:
         # The handle may be freed (a bare loop was left): not a failure of the run, and a
         # task id stays pending, so the stop's warning reports it.
         with contextlib.suppress(anyio.BrokenResourceError):

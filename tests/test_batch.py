@@ -958,6 +958,31 @@ async def test_a_refused_key_with_an_endless_input_lets_the_reader_leave() -> No
     assert pulled < 1000  # was all 200,000, in one step of the event loop
 
 
+async def test_an_endless_input_of_invalid_requests_lets_the_reader_leave() -> None:
+    """Each invalid request is an item without a request; an endless (lazy) run of them
+    must not hold the event loop while the engine turns it into items."""
+    pulled = 0
+
+    def endless() -> Iterator[Txt2ImgRequest]:
+        nonlocal pulled
+        while pulled < 200_000:  # a guard, so that the bug fails the test, not hangs it
+            pulled += 1
+            yield req(f"prompt {pulled}", enable_transparent_background=True)  # needs png
+
+    emu = NovitaEmulator(durations=0.01)
+    client, counting = client_for(emu)
+    got = []
+    with anyio.fail_after(10):
+        async with client:
+            async for item in client.txt2img_many(endless()):
+                got.append(item)
+                if len(got) == 5:
+                    break
+    assert counting.posts_sent == 0
+    assert all(isinstance(item.error, InvalidRequestError) for item in got)
+    assert pulled < 1000
+
+
 async def test_an_unreachable_api_stops_before_any_task() -> None:
     emu = NovitaEmulator(durations=0.01)
     client, counting = client_for(emu, retry_policy=RetryPolicy(max_retries=1, max_backoff=0))
