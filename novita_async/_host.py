@@ -48,7 +48,11 @@ class TaskHost:
 
     def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self._tg is None:
-            raise RuntimeError("the client's task group is not open")
+            raise RuntimeError(
+                "this AsyncNovita client is closed"
+                if self.state is HostState.CLOSED
+                else "the client's task group is not open"
+            )
         self._tg.start_soon(func, *args)
 
     async def start(self) -> None:

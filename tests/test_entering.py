@@ -121,3 +121,14 @@ async def test_a_cancelled_enter_leaves_nothing_running() -> None:
         assert client.is_closed
         with pytest.raises(RuntimeError, match="closed"):
             await client.__aenter__()
+
+
+@pytest.mark.anyio
+async def test_a_run_made_in_the_block_and_iterated_after_it_says_the_client_closed() -> None:
+    emu = NovitaEmulator(durations=0.02)
+    async with emu.client() as client:
+        run = client.txt2img_many([REQUEST])
+    with pytest.raises(RuntimeError, match="this AsyncNovita client is closed"):
+        async for _ in run:
+            pass
+    assert not emu.tasks
