@@ -334,7 +334,8 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
                 text = Path(prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read prompts file: {exc}") from exc
-        for line in text.splitlines():
+        # A UTF-8 BOM (Notepad writes one) is not part of the first prompt or comment.
+        for line in text.removeprefix("\ufeff").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 collected.append(line)

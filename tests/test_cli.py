@@ -37,6 +37,7 @@ from novita_async._cli import (
     print_summary,
     run_job,
 )
+from novita_async._cli_args import read_prompts
 from novita_async.testing import NovitaEmulator
 
 if sys.version_info < (3, 11):
@@ -296,6 +297,20 @@ def test_usage_errors_exit_2(
     assert message in last
     assert last.startswith("novita-async")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_a_prompts_file_with_a_bom_and_crlf_keeps_its_comments_out(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Notepad saves UTF-8 with a BOM: the first line's "#" must still make it a comment,
+    # and no prompt (a paid task) may start with an invisible U+FEFF.
+    data = "\ufeff# my prompts\r\na cat\r\n\r\n# skipped\r\na dog\r\n".encode()
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(data)
+    if source == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    assert read_prompts([], "-" if source == "stdin" else str(path)) == ["a cat", "a dog"]
 
 
 def test_trio_backend_without_trio_is_a_usage_error(
