@@ -122,6 +122,10 @@ def listen_address(text: str) -> tuple[str, int]:
 
 def _http_url(text: str) -> str:
     parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port in {text!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"must be an http(s) URL, got {text!r}")
     return text
@@ -282,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--api-key", help="Novita API key (default: $NOVITA_API_KEY)")
     gen.add_argument(
         "--base-url",
+        type=_http_url,
         default=DEFAULT_BASE_URL,
         help=(
             "API base URL, e.g. the loopback emulator's "
