@@ -121,7 +121,11 @@ async def _generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, li
     live.journal = args.journal
     # With a receiver here, the client's waits are driven by the deliveries.
     webhook_url = args.webhook_url if listen is not None else None
-    async with AsyncNovita(api_key, base_url=args.base_url, webhook_url=webhook_url) as client:
+    try:
+        novita = AsyncNovita(api_key, base_url=args.base_url, webhook_url=webhook_url)
+    except NovitaError as exc:  # a key httpx cannot send (the message never echoes it)
+        raise UsageError(str(exc)) from exc
+    async with novita as client:
         if listen is not None:
             outcome = await _run_receiving_webhooks(client, job, listen, webhook_url, stderr, live)
         else:

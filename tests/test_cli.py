@@ -279,6 +279,7 @@ async def test_an_unreachable_host_stops_the_batch_with_exit_4(tmp_path: Path) -
         (["generate", "a", "--api-key", "k", "--journal", "{dir}"], "is a directory"),
         (["generate", "a", "--api-key", "k", "--base-url", "api.novita.ai"], "--base-url"),
         (["generate", "a", "--api-key", "k", "--base-url", "http://127.0.0.1:99999"], "--base-url"),
+        (["generate", "a", "--api-key", "two words"], "api_key"),
         (["generate", "a", "--api-key", "k", "--webhook-url", "https://h:99999/x"], "webhook-url"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
