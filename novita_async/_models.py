@@ -119,7 +119,9 @@ def _number(
             kind = "an integer" if integer else "a number"
             raise _fail(inst, attribute, f"must be {kind}, got {value!r}")
         number: float = value
-        if not math.isfinite(number):
+        # Only a float can be non-finite; math.isfinite would raise OverflowError on an
+        # int too large for a float (which the range check below refuses exactly).
+        if isinstance(number, float) and not math.isfinite(number):
             raise _fail(inst, attribute, f"must be finite, got {value!r}")
         if (lo is not None and number < lo) or (hi is not None and number > hi):
             raise _fail(inst, attribute, f"must be {_range(lo, hi)}, got {value!r}")

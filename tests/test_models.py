@@ -423,6 +423,17 @@ def test_numeric_field_rejects_bools_strings_and_non_finite(
         build(model, **{field: value})
 
 
+@pytest.mark.parametrize(("model", "field"), [(m, f) for m, f, _, _ in NUMERIC_BOUNDS])
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["10**400", "-10**400"])
+def test_numeric_field_rejects_ints_too_large_for_a_float(
+    model: str, field: str, value: int
+) -> None:
+    """An int beyond float range is out of range like any other: InvalidRequestError
+    (which the emulator answers with 400), not the OverflowError of ``math.isfinite``."""
+    with pytest.raises(InvalidRequestError, match=f"{field} must be"):
+        build(model, **{field: value})
+
+
 @pytest.mark.parametrize(("model", "field"), sorted(INT_FIELDS))
 def test_integer_field_rejects_floats(model: str, field: str) -> None:
     with pytest.raises(InvalidRequestError, match="integer"):
