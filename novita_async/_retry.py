@@ -245,7 +245,8 @@ def _never_sent(exc: BaseException | None) -> bool:
 
     httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` to ``ConnectTimeout``,
     including a server hanging up after reading the body: for those the aiohttp cause
-    decides (only a failed connect, or a timeout getting a connection, is never sent).
+    decides (only a failed connect, a timeout getting a connection, or a URL aiohttp
+    refuses before connecting is never sent).
     """
     if not isinstance(exc, _NEVER_SENT):
         return False
@@ -254,7 +255,9 @@ def _never_sent(exc: BaseException | None) -> bool:
         return True
     import aiohttp
 
-    return isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+    return isinstance(
+        cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL)
+    )
 
 
 def _get_retryable(error: APIStatusError) -> bool:

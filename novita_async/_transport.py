@@ -209,7 +209,8 @@ class Transport:
     ) -> None:
         self._secret = _Secret(_checked_api_key(api_key))
         base = httpx.URL(base_url.rstrip("/") + "/")
-        if base.scheme not in ("http", "https") or not base.host:
+        port_ok = base.port is None or 0 < base.port < 65536
+        if base.scheme not in ("http", "https") or not base.host or not port_ok:
             raise ValueError(f"base_url must be an absolute http(s) URL, got {base_url!r}")
         self.base_url = base
         self.retry = retry

@@ -158,3 +158,40 @@ async def test_proxies_set_in_the_environment_are_used(
                     await client.submit_txt2img(REQUEST)
                 assert client.transport_name == "httpx"
     assert emu.submissions == 1
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_a_base_url_with_a_port_out_of_range_is_refused_at_once(port: str) -> None:
+    """It used to be accepted; on asyncio every POST then failed before connecting, and
+    was reported 'outcome unknown, a task may have been billed'."""
+    from novita_async import AsyncNovita
+
+    with pytest.raises(ValueError, match="base_url"):
+        AsyncNovita("key", base_url=f"http://127.0.0.1:{port}")
+
+
+async def test_a_url_aiohttp_refuses_before_connecting_is_never_sent() -> None:
+    """httpx-aiohttp maps aiohttp's InvalidURL (raised before any connection) to
+    UnsupportedProtocol: that POST certainly created no task (retried, then a plain
+    APIConnectionError), not an uncertain one."""
+    import aiohttp
+
+    from novita_async import APIConnectionError
+
+    sent = 0
+
+    class Refusing(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            nonlocal sent
+            sent += 1
+            cause = aiohttp.InvalidURL(str(request.url))  # InvalidUrlClientError in 3.10+
+            raise httpx.UnsupportedProtocol(str(cause)) from cause
+
+    policy = RetryPolicy(max_retries=2, initial_backoff=0.0, max_backoff=0.0)
+    emu = NovitaEmulator(durations=0.02)
+    with anyio.fail_after(10):
+        async with emu.client(transport=Refusing(), retry_policy=policy) as client:
+            with pytest.raises(APIConnectionError) as caught:
+                await client.submit_txt2img(REQUEST)
+    assert not isinstance(caught.value, SubmissionUncertainError)
+    assert sent == 3
