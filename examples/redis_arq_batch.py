@@ -16,7 +16,9 @@ batch and the index):
 * a finished prompt's result comes from the journal.
 
 Every worker takes from one images-per-minute quota in Redis
-(:class:`~novita_async.redis.RedisRateLimiter`), whatever the number of workers.
+(:class:`~novita_async.redis.RedisRateLimiter`, the client's ``rate_limiter``: it paces
+every POST and gives back the quota of one that certainly created no task), whatever
+the number of workers.
 
 A worker killed with ``kill -9`` leaves its jobs "in progress": arq runs them again
 (on any worker) once ``job_timeout`` (``ARQ_JOB_TIMEOUT``, 300 s) has passed.
@@ -29,9 +31,6 @@ Run it (a Redis on localhost, ``NOVITA_API_KEY`` set)::
 
 Locally, without an account: ``python -m novita_async.testing --port 9000
 --images-per-minute 20`` and ``NOVITA_BASE_URL=http://127.0.0.1:9000``.
-
-With the client API of issue #8, ``AsyncNovita(rate_limiter=limiter)`` paces every
-submission itself: the explicit ``limiter.acquire()`` below then goes away.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ from arq import Retry, create_pool
 from arq.connections import RedisSettings
 
 from novita_async import (
+    APIConnectionError,
     APIStatusError,
     AsyncNovita,
     JournalError,
@@ -97,28 +97,25 @@ async def run_prompt(
     ctx: dict[str, Any], journal: RedisJournal, request: Txt2ImgRequest
 ) -> dict[str, Any]:
     client: AsyncNovita = ctx["novita"]
-    limiter: RedisRateLimiter = ctx["limiter"]
     record = (await journal.begin([(0, request_key(request, None))]))[0]
     if record.is_finished:
         return summary(record.task_id, record.result, record.error)  # an earlier run did it
     if record.state in ("submitting", "uncertain"):
-        # An earlier run died during the POST: a task may exist (and be paid). Not resent;
-        # look for it in Novita's task list, or resubmit by hand.
+        # An earlier run died during the POST: a task may exist (and be paid). Not resent
+        # (Novita cannot list tasks): check the account's usage, or resubmit by hand.
         return {"state": "uncertain", "error": record.error}
     task_id = record.task_id
     if task_id is None:
-        admission = await limiter.acquire(request.image_num)  # one quota for all workers
         await journal.mark_submitting(0)
         try:
-            task_id = await client.submit_txt2img(request)
+            task_id = await client.submit_txt2img(request)  # paced by the shared quota
         except SubmissionUncertainError as exc:
             await journal.mark_uncertain(0, str(exc))
             return {"state": "uncertain", "error": str(exc)}
-        except APIStatusError as exc:  # certainly no task: a retry may send it again
-            limiter.refund(admission)
-            await journal.mark_rejected(0, str(exc))
-            if exc.status_code == 429 or exc.status_code >= 500:
-                return {"retry_in": 10}
+        except (APIStatusError, APIConnectionError) as exc:  # certainly no task
+            await journal.mark_rejected(0, str(exc))  # a retry may send it again
+            if isinstance(exc, APIConnectionError) or exc.status_code in (429, 503):
+                return {"retry_in": 10}  # unreachable or busy (other 5xx are uncertain)
             return {"state": "rejected", "error": str(exc)}
         await journal.mark_submitted(0, task_id)
     try:
@@ -140,16 +137,14 @@ def summary(task_id: str | None, result: TaskResult | None, error: str | None) -
 async def startup(ctx: dict[str, Any]) -> None:
     stack = AsyncExitStack()
     ctx["stack"] = stack
-    base_url = os.environ.get("NOVITA_BASE_URL")
-    ctx["novita"] = await stack.enter_async_context(
-        AsyncNovita(**({"base_url": base_url} if base_url else {}))
-    )
     # arq's own connection (a redis.asyncio.Redis) serves the limiter and the journals too.
-    ctx["limiter"] = RedisRateLimiter(ctx["redis"], IMAGES_PER_MINUTE)
+    limiter = await stack.enter_async_context(RedisRateLimiter(ctx["redis"], IMAGES_PER_MINUTE))
+    base_url = os.environ.get("NOVITA_BASE_URL")
+    options: dict[str, Any] = {"base_url": base_url} if base_url else {}
+    ctx["novita"] = await stack.enter_async_context(AsyncNovita(rate_limiter=limiter, **options))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    await ctx["limiter"].aclose()
     await ctx["stack"].aclose()
 
 

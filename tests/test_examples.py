@@ -211,3 +211,70 @@ async def test_redis_fastapi_app_two_workers_share_a_quota_and_relay_webhooks(
     assert item["error"] is None
     assert emu.polls[task_id] == 1  # confirmed once, by the worker that waited
     assert emu.tasks[task_id].extra["webhook"] == {"url": "https://my.app/webhooks/novita"}
+
+
+# --------------------------------------------------------------------------- Redis: arq jobs
+
+
+class _Retry(Exception):
+    def __init__(self, defer: float | None = None) -> None:
+        super().__init__(defer)
+        self.defer = defer
+
+
+def load_arq_example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """examples/redis_arq_batch.py with a stand-in for arq (not installed here): its jobs are
+    plain coroutines; what arq adds (running them again) is what the test does by hand."""
+    arq = ModuleType("arq")
+    connections = ModuleType("arq.connections")
+    arq.Retry = _Retry  # type: ignore[attr-defined]
+    arq.create_pool = None  # type: ignore[attr-defined]
+
+    class RedisSettings:
+        @classmethod
+        def from_dsn(cls, dsn: str) -> RedisSettings:
+            return cls()
+
+    connections.RedisSettings = RedisSettings  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "arq", arq)
+    monkeypatch.setitem(sys.modules, "arq.connections", connections)
+    return load("redis_arq_batch")
+
+
+@pytest.mark.asyncio  # asyncio only: the Redis extra (redis-py's client) is asyncio-only
+async def test_redis_arq_job_runs_again_without_paying_twice_and_retries_an_unsent_prompt(
+    redis_url: str, redis_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job run twice pays once (the second run answers from its journal); a job whose POST
+    could not reach the API (nothing sent) asks arq to retry, and the retry sends it (it
+    used to leave the prompt 'submitting', reported uncertain by every later run)."""
+    import anyio
+    import redis.asyncio as aioredis
+
+    module = load_arq_example(monkeypatch)
+    emu = NovitaEmulator(durations=0.05)
+    monkeypatch.setenv("NOVITA_API_KEY", emu.api_key)
+
+    async def job(base_url: str, index: int, prompt: str) -> dict[str, Any]:
+        monkeypatch.setenv("NOVITA_BASE_URL", base_url)
+        ctx: dict[str, Any] = {"redis": aioredis.from_url(redis_url)}
+        await module.startup(ctx)
+        try:
+            return await module.generate(ctx, redis_key, index, prompt)  # type: ignore[no-any-return]
+        finally:
+            await module.shutdown(ctx)
+            await ctx["redis"].aclose()
+
+    with anyio.fail_after(30):
+        async with emu.serve() as server:
+            first = await job(server.base_url, 0, "a red fox")
+            again = await job(server.base_url, 0, "a red fox")
+            assert first["state"] == again["state"] == "succeeded"
+            assert first["task_id"] == again["task_id"]
+            assert emu.tasks_created == 1
+            with pytest.raises(_Retry) as retry:
+                await job("http://127.0.0.1:9", 1, "a lighthouse")  # nothing listens there
+            assert retry.value.defer == 10
+            second = await job(server.base_url, 1, "a lighthouse")
+    assert second["state"] == "succeeded"
+    assert emu.tasks_created == 2
