@@ -40,6 +40,7 @@ import httpx
 
 from ._errors import DownloadError, ImageExpiredError
 from ._results import Image, TaskResult
+from ._retry import parse_retry_after
 from ._transport import Transport
 
 __all__ = [
@@ -215,11 +216,13 @@ async def _read_preview(response: httpx.Response) -> str:
 
 
 class _Transient(Exception):
-    """A failure worth retrying; carries the DownloadError to raise if retries run out."""
+    """A failure worth retrying; carries the DownloadError to raise if retries run out,
+    and the server's ``Retry-After`` (seconds) if it sent one."""
 
-    def __init__(self, error: DownloadError) -> None:
+    def __init__(self, error: DownloadError, retry_after: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.retry_after = retry_after
 
 
 def _wrapped(message: str, exc: BaseException, status_code: int | None = None) -> DownloadError:
@@ -347,7 +350,7 @@ async def _once(
             status = response.status_code
             error = _status_failure(url, status, await _read_preview(response))
             if status == 429 or status >= 500:
-                raise _Transient(error)
+                raise _Transient(error, parse_retry_after(response.headers.get("retry-after")))
             raise error
         declared = _content_length(response)
         if declared is not None and declared > max_bytes:
@@ -380,7 +383,8 @@ async def _fetch(
 ) -> T:
     """GET the image and hand its body's reader to ``consume``; retry transient failures.
 
-    Transient: connection errors, timeouts, a body cut short, 429 and 5xx.
+    Transient: connection errors, timeouts, a body cut short, 429 and 5xx (after the
+    server's ``Retry-After``, capped by the retry policy, when it sends one).
     ``consume`` must start from scratch on every call (a retry restarts it).
     """
     url = _url_of(image)
@@ -391,10 +395,10 @@ async def _fetch(
         try:
             return await _once(transport, url, consume, max_bytes)
         except _Transient as transient:
-            error = transient.error
+            error, retry_after = transient.error, transient.retry_after
         if attempt >= transport.retry.max_retries:
             raise error
-        delay = transport.retry.delay(attempt)
+        delay = transport.retry.delay(attempt, retry_after)
         logger.info("image download failed (%s); retry %d in %.2fs", error, attempt + 1, delay)
         attempt += 1
         await anyio.sleep(delay)

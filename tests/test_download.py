@@ -201,6 +201,26 @@ async def test_5xx_and_connection_errors_are_retried() -> None:
     assert len(host.requests) == 3
 
 
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_of_the_image_host_is_honoured(status: int) -> None:
+    """Regression: a 429/503 with ``Retry-After`` was retried after the policy's own
+    backoff (here none), hammering the image host and using up the retries early."""
+    sent: list[float] = []
+
+    def throttled(request: httpx.Request) -> httpx.Response:
+        sent.append(time.monotonic())
+        return httpx.Response(status, headers={"retry-after": "0.6"})
+
+    host = ImageHost()
+    host.script = [throttled]
+    with anyio.fail_after(5):
+        async with client_for(host) as client:
+            assert await client.download_image(presigned()) == PNG
+            sent.append(time.monotonic())
+    assert len(host.requests) == 2
+    assert sent[1] - sent[0] >= 0.55
+
+
 async def test_persistent_500_gives_up_after_the_retry_budget() -> None:
     host = ImageHost(lambda request: httpx.Response(500, text="boom"))
     async with client_for(host) as client:
