@@ -517,7 +517,10 @@ async def save_images(
         image_filename(result.task_id, i, image, prefix=prefix, count=len(images))
         for i, image in enumerate(images)
     ]
-    await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
+    try:
+        await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _cannot_save(directory / names[0], exc)
     paths: list[Path | None] = [None] * len(images)
     errors: list[tuple[int, BaseException]] = []
     limiter = anyio.CapacityLimiter(max(concurrency, 1))

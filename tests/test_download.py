@@ -562,6 +562,23 @@ async def test_unwritable_target_is_a_download_error(tmp_path: Path) -> None:
     assert names_in(tmp_path) == ["a-file", "taken.png"]  # no .part left
 
 
+async def test_save_images_into_an_unusable_directory_is_a_download_error(
+    tmp_path: Path,
+) -> None:
+    """Regression: save_images let the OSError of creating its directory escape (here
+    FileExistsError: the directory is a file), though downloads raise DownloadError only."""
+    (tmp_path / "a-file").write_bytes(b"")
+    host = ImageHost()
+    result = result_with(Image(image_url=presigned(), image_type="png"))
+    async with client_for(host) as client:
+        for directory in (tmp_path / "a-file", tmp_path / "a-file" / "sub"):
+            with pytest.raises(DownloadError, match="cannot save image") as info:
+                await client.save_images(result, directory)
+            assert isinstance(info.value.__cause__, OSError)
+    assert host.requests == []
+    assert names_in(tmp_path) == ["a-file"]
+
+
 async def test_body_shorter_than_content_length_is_not_saved(tmp_path: Path) -> None:
     """Regression: a body cut before its Content-Length was saved as if complete."""
     host = ImageHost(streamed(PNG[:1000], **{"content-length": str(len(PNG))}))
