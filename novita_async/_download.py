@@ -68,7 +68,8 @@ _MAX_STEM = 100
 STALE_PART_AGE = 60.0
 _PART = re.compile(r"^\..+\.[0-9a-f]{8}\.part$")
 _cleaned: dict[str, float] = {}  # directory -> time.monotonic() of its last cleanup
-#: Part files this process is writing now: never stale, however long since their last write.
+#: Part files this process is writing now (in their folder's real path): never stale,
+#: however long since their last write.
 _live_parts: set[str] = set()
 _WINDOWS_RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
@@ -436,11 +437,15 @@ async def save_image(
     target = anyio.Path(path)
     try:
         await target.parent.mkdir(parents=True, exist_ok=True)
-        await _clean_stale_parts(Path(target.parent))
+        # The folder as the cleanup of every save sees it, however each save spells it
+        # (relative, absolute, through a symlink): a live part file is known by that path.
+        folder = await anyio.to_thread.run_sync(os.path.realpath, target.parent)
+        await _clean_stale_parts(Path(folder))
     except OSError as exc:
         _cannot_save(path, exc)
     temp = target.parent / f".{safe_name(target.name)}.{secrets.token_hex(4)}.part"
-    _live_parts.add(str(temp))
+    live = os.path.join(folder, temp.name)
+    _live_parts.add(live)
 
     async def write(next_chunk: Callable[[], Awaitable[bytes | None]]) -> None:
         async with await anyio.open_file(temp, "wb") as file:  # "wb": a retry starts over
@@ -457,7 +462,7 @@ async def save_image(
             _cannot_save(path, exc)
         raise
     finally:
-        _live_parts.discard(str(temp))
+        _live_parts.discard(live)
     return Path(path)
 
 

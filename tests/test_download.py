@@ -686,6 +686,55 @@ async def test_a_slow_live_download_is_not_cleaned_away_by_a_save_beside_it(
     assert names_in(tmp_path) == ["other.png", "slow.png"]
 
 
+async def test_a_live_download_is_not_cleaned_away_through_another_spelling_of_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a live part file was known by the path spelled by its own save
+    (``out/slow.png``, relative); a save into the same folder spelled otherwise
+    (absolute, or through a symlink) took it for a dead process's and deleted it, and
+    the slow save failed at its rename."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    release = anyio.Event()
+    body = PNG * 200  # over one 256 KiB chunk: one write, then the stream stalls
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield body[: len(body) // 2]
+        await release.wait()
+        yield body[len(body) // 2 :]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("slow.png"):
+            return httpx.Response(200, content=slow_body())
+        return httpx.Response(200, content=PNG)
+
+    host = ImageHost(handler)
+    saved: list[Path] = []
+
+    async def slow_save(client: AsyncNovita) -> None:
+        saved.append(await client.save_image(presigned("/slow.png"), Path("out/slow.png")))
+
+    with anyio.fail_after(10):
+        async with client_for(host) as client, anyio.create_task_group() as tg:
+            tg.start_soon(slow_save, client)
+            parts: list[anyio.Path] = []
+            while not parts or (await parts[0].stat()).st_size == 0:  # one chunk written
+                await anyio.sleep(0.01)
+                folder = anyio.Path(tmp_path / "out")
+                parts = [p async for p in folder.iterdir() if p.suffix == ".part"]
+            (part,) = parts
+            for other in (tmp_path / "out" / "a.png", tmp_path / "link" / "b.png"):
+                old = time.time() - 3600  # no write for an hour, as far as its mtime says
+                os.utime(part, (old, old))
+                _download._cleaned.clear()  # the folder's last cleanup is long past
+                await client.save_image(presigned(), other)
+            release.set()
+    assert saved == [Path("out/slow.png")]
+    assert (tmp_path / "out" / "slow.png").read_bytes() == body
+    assert names_in(tmp_path / "out") == ["a.png", "b.png", "slow.png"]
+
+
 async def test_user_client_cookies_are_not_sent_on_redirects() -> None:
     """Regression: httpx re-added the user's cookie jar on every redirect hop."""
     seen: list[httpx.Request] = []
