@@ -7,7 +7,8 @@ disabled), whatever the host; redirects are followed here, hop by hop, so no
 hop gets them either. An expired URL raises :class:`ImageExpiredError`; every
 other failure (HTTP status, network, too many redirects, undecodable or cut
 body, a file that cannot be written) raises :class:`DownloadError`, carrying the
-HTTP status when there was one; nothing else escapes.
+HTTP status when there was one; nothing else escapes. A web page (``text/html``)
+is never taken for an image, even with a success status.
 
 A body is complete only if it is: fewer bytes than its ``Content-Length`` is a
 cut transfer (retried, then an error), and a body delimited by the connection's
@@ -62,6 +63,8 @@ SAVE_CONCURRENCY = 4
 _CHUNK = 256 * 1024
 _ERROR_BODY_PREVIEW = 16 * 1024
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp", "gif": "gif"}
+#: Media types of web pages: a body declared so is never saved as an image.
+_PAGES = frozenset({"text/html", "application/xhtml+xml"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM = 100
 #: Seconds after which a ``.part`` file nobody writes is taken as left by a dead process.
@@ -172,13 +175,18 @@ def _presigned_expiry(url: httpx.URL) -> float | None:
         return None
 
 
-def _status_failure(url: httpx.URL, status: int, body: str) -> DownloadError:
+def _status_failure(
+    url: httpx.URL, status: int, body: str, *, page: str | None = None
+) -> DownloadError:
+    """The error of an answer that is no image: an HTTP error status, or (``page``: its
+    media type) a web page served with a success status."""
     lowered = body.lower()
     where = _shown(url)
     expiry = _presigned_expiry(url)
-    # S3 answers 403 AccessDenied "Request has expired"; some hosts say 410 Gone.
+    # S3 answers 403 AccessDenied "Request has expired"; some hosts say 410 Gone,
+    # or serve a page saying so.
     expired = status == 410 or (
-        status in (400, 401, 403)
+        (status in (400, 401, 403) or page is not None)
         and ("expired" in lowered or (expiry is not None and expiry <= time.time()))
     )
     if expired:
@@ -191,8 +199,9 @@ def _status_failure(url: httpx.URL, status: int, body: str) -> DownloadError:
             status_code=status,
         )
     detail = " ".join(body.split())[:200]
+    what = f"HTTP {status}" if page is None else f"a {page} page (HTTP {status}), not an image"
     return DownloadError(
-        f"image download failed with HTTP {status}: {where}" + (f" ({detail})" if detail else ""),
+        f"image download failed with {what}: {where}" + (f" ({detail})" if detail else ""),
         status_code=status,
     )
 
@@ -353,6 +362,11 @@ async def _once(
             if status == 429 or status >= 500:
                 raise _Transient(error, parse_retry_after(response.headers.get("retry-after")))
             raise error
+        media = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media in _PAGES:  # an error or login page of a proxy or CDN, sent as 200
+            raise _status_failure(
+                url, response.status_code, await _read_preview(response), page=media
+            )
         declared = _content_length(response)
         if declared is not None and declared > max_bytes:
             raise _too_large(url, max_bytes)

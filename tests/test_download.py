@@ -579,6 +579,32 @@ async def test_save_images_into_an_unusable_directory_is_a_download_error(
     assert names_in(tmp_path) == ["a-file"]
 
 
+async def test_a_web_page_sent_with_200_is_not_saved_as_an_image(tmp_path: Path) -> None:
+    """Regression: a proxy's or CDN's HTML page answered with 200 (a login or error
+    page, an expired link) was saved as ``x.png`` and reported a success."""
+    html = {"content-type": "text/html; charset=utf-8"}
+    page = b"<!DOCTYPE html><html><body><h1>Please sign in</h1></body></html>"
+    host = ImageHost(lambda request: httpx.Response(200, content=page, headers=html))
+    with anyio.fail_after(5):
+        async with client_for(host) as client:
+            with pytest.raises(DownloadError, match="text/html") as info:
+                await client.save_image(presigned(), tmp_path / "x.png")
+            assert type(info.value) is DownloadError
+            assert info.value.status_code == 200
+            with pytest.raises(DownloadError, match="not an image"):
+                await client.download_image(presigned())
+            assert len(host.requests) == 2  # not retried: it will not change
+            host.default = lambda request: httpx.Response(
+                200, content=b"<html><body>This link has expired</body></html>", headers=html
+            )
+            with pytest.raises(ImageExpiredError) as expired:
+                await client.save_images(
+                    result_with(Image(image_url=presigned(), image_type="png")), tmp_path
+                )
+            assert expired.value.status_code == 200
+    assert names_in(tmp_path) == []
+
+
 async def test_body_shorter_than_content_length_is_not_saved(tmp_path: Path) -> None:
     """Regression: a body cut before its Content-Length was saved as if complete."""
     host = ImageHost(streamed(PNG[:1000], **{"content-length": str(len(PNG))}))
