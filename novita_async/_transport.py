@@ -96,12 +96,24 @@ def _default_transport(max_connections: int) -> httpx.AsyncBaseTransport | None:
         asyncio.get_running_loop()
     except RuntimeError:
         return ShardedPool(max_connections=max_connections, verify=_default_ssl_context())
+    import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
-    return AiohttpTransport(verify=_default_ssl_context(), limits=limits)
+
+    def session() -> aiohttp.ClientSession:  # made in the event loop, at the first request
+        # httpx-aiohttp's own session would keep cookies in aiohttp's jar (below httpx)
+        # and send them to every host of their domain: the library keeps none.
+        connector = aiohttp.TCPConnector(
+            limit=max_connections,
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=_default_ssl_context(),
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    return AiohttpTransport(limits=limits, client=session)
 
 
 @functools.cache

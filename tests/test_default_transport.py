@@ -9,7 +9,13 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from novita_async import RetryPolicy, SubmissionUncertainError, TaskStatus, Txt2ImgRequest
+from novita_async import (
+    AsyncNovita,
+    RetryPolicy,
+    SubmissionUncertainError,
+    TaskStatus,
+    Txt2ImgRequest,
+)
 from novita_async._pool import ShardedPool
 from novita_async.testing import NovitaEmulator
 
@@ -195,3 +201,37 @@ async def test_a_url_aiohttp_refuses_before_connecting_is_never_sent() -> None:
                 await client.submit_txt2img(REQUEST)
     assert not isinstance(caught.value, SubmissionUncertainError)
     assert sent == 3
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # httpx-aiohttp: asyncio's default
+async def test_no_cookie_a_host_sets_is_ever_sent_back_on_the_default_transport() -> None:
+    """The library keeps no cookies (its httpx client bypasses httpx's jar): aiohttp's own
+    jar, below httpx, must not keep them either, or one host's cookie would go to every
+    host of its domain (the API's to an image host of the same domain, too)."""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def txt2img(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"task_id": f"t{len(seen)}"})
+        response.set_cookie("sticky", "lb-1", path="/")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v3/async/txt2img", txt2img)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        with anyio.fail_after(10):
+            # "localhost": aiohttp's jar refuses cookies of IP hosts, not of names
+            async with AsyncNovita("key", base_url=f"http://localhost:{port}") as client:
+                assert client.transport_name == "httpx-aiohttp"
+                for _ in range(3):
+                    await client.submit_txt2img(REQUEST)
+    finally:
+        await runner.cleanup()
+    assert seen == [None, None, None]
