@@ -10,6 +10,7 @@ A scheduler polls only while its loop task runs: tests wrap it in
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import random
@@ -21,12 +22,16 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import attrs
+import httpx
 import pytest
+import respx
 import trio
 import trio.testing
+from _support import KEY, RESULT, SPEC_RESULT_BODY, SPEC_TASK_ID
 
 from novita_async import (
     APIConnectionError,
+    AsyncNovita,
     AuthenticationError,
     MalformedResponseError,
     NotFoundError,
@@ -1220,6 +1225,28 @@ async def test_client_txt2img_on_the_emulator() -> None:
     assert emu.tasks_created == 5
     assert sum(emu.polls.values()) == client.scheduler.stats.polls_total
     assert client.scheduler.stats.waits == 5
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("field", ["submit_time_ms", "complete_time_ms"])
+async def test_debug_info_times_too_large_for_a_float_are_not_a_duration(
+    api: respx.MockRouter, field: str
+) -> None:
+    """A debug_info time of 400 digits (valid JSON, an int to the parser) is no epoch
+    millisecond: the task's result is returned, the scheduler and the client live on."""
+    body = copy.deepcopy(SPEC_RESULT_BODY)
+    body["extra"]["debug_info"][field] = 10**400
+    api.get(RESULT).mock(return_value=httpx.Response(200, json=body))
+    client = AsyncNovita(KEY, transport=httpx.AsyncHTTPTransport())
+    with anyio.fail_after(5):
+        async with client:
+            result = await client.wait(SPEC_TASK_ID, timeout=5)
+            assert result.status is TaskStatus.SUCCEED
+            assert client.scheduler.running
+            again = await client.wait(SPEC_TASK_ID, timeout=5)  # the scheduler still serves
+            assert again.status is TaskStatus.SUCCEED
+    assert client.scheduler.stats.duration_samples == 0
+    assert client.scheduler.stats.tasks_succeeded == 2
 
 
 def test_policy_validation() -> None:
