@@ -38,6 +38,7 @@ from novita_async import (
     NovitaError,
     PollPolicy,
     RateLimitError,
+    RetryPolicy,
     ServerError,
     TaskFailedError,
     TaskTimeoutError,
@@ -1247,6 +1248,49 @@ async def test_debug_info_times_too_large_for_a_float_are_not_a_duration(
             assert again.status is TaskStatus.SUCCEED
     assert client.scheduler.stats.duration_samples == 0
     assert client.scheduler.stats.tasks_succeeded == 2
+
+
+@pytest.mark.anyio
+async def test_a_task_failed_500_ends_the_wait_whatever_the_reason_case(
+    api: respx.MockRouter,
+) -> None:
+    """The transport reads Novita's reasons case-blind (a 500 ``task_failed`` is not
+    retried: the task failed); the scheduler must too, not poll that task forever."""
+    body = {"code": 500, "reason": "task_failed", "message": "out of memory", "metadata": {}}
+    route = api.get(RESULT).mock(return_value=httpx.Response(500, json=body))
+    client = AsyncNovita(
+        KEY,
+        transport=httpx.AsyncHTTPTransport(),
+        retry_policy=RetryPolicy(max_retries=0),
+        poll_policy=PollPolicy(min_interval=0.01, max_interval=0.02, backoff_initial=0.01),
+    )
+    with anyio.fail_after(5):
+        async with client:
+            with pytest.raises(TaskFailedError) as info:
+                await client.wait(SPEC_TASK_ID)
+    assert info.value.reason == "out of memory"
+    assert route.call_count == 1
+    assert client.scheduler.stats.tasks_failed == 1
+
+
+@pytest.mark.anyio
+async def test_a_lowercase_task_not_found_gets_the_grace_too(api: respx.MockRouter) -> None:
+    body = {"code": 404, "reason": "task_not_found", "message": "", "metadata": {}}
+    route = api.get(RESULT).mock(
+        side_effect=[httpx.Response(404, json=body), httpx.Response(200, json=SPEC_RESULT_BODY)]
+    )
+    client = AsyncNovita(
+        KEY,
+        transport=httpx.AsyncHTTPTransport(),
+        retry_policy=RetryPolicy(max_retries=0),
+        poll_policy=PollPolicy(min_interval=0.01, max_interval=0.02, backoff_initial=0.01),
+    )
+    with anyio.fail_after(5):
+        async with client:
+            result = await client.wait(SPEC_TASK_ID)
+    assert result.status is TaskStatus.SUCCEED
+    assert route.call_count == 2
+    assert client.scheduler.stats.not_found_retries == 1
 
 
 def test_policy_validation() -> None:
