@@ -1293,6 +1293,42 @@ async def test_a_lowercase_task_not_found_gets_the_grace_too(api: respx.MockRout
     assert client.scheduler.stats.not_found_retries == 1
 
 
+@pytest.mark.anyio
+async def test_closing_the_client_mid_polls_ends_every_wait_with_a_novita_error() -> None:
+    """On asyncio the client's task group is cancelled by its host task, a loop turn after
+    ``aclose`` marks the client closed: a poll starting in that turn must not end its wait
+    with ``RuntimeError("this AsyncNovita client is closed")`` (README: closing ends every
+    pending wait with a NovitaError)."""
+
+    def running_task(request: httpx.Request) -> httpx.Response:
+        task = {"task_id": request.url.params["task_id"], "status": "TASK_STATUS_PROCESSING"}
+        return httpx.Response(200, json={"task": task})
+
+    errors: list[Exception] = []
+    for _ in range(5):  # polls run back to back: some start in that turn
+        client = AsyncNovita(
+            KEY,
+            transport=httpx.MockTransport(running_task),
+            poll_policy=PollPolicy(min_interval=0.0, max_interval=0.001, backoff_initial=0.001),
+        )
+
+        async def waiter(client: AsyncNovita, task_id: str) -> None:
+            try:
+                await client.wait(task_id)
+            except Exception as exc:  # collected and checked below
+                errors.append(exc)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg, client:
+                for i in range(16):
+                    tg.start_soon(waiter, client, f"t{i}")
+                await joined(client.scheduler, 16)  # (a wait after the close is refused)
+                await anyio.sleep(0.02)
+    assert len(errors) == 5 * 16
+    assert {type(exc) for exc in errors} == {NovitaError}
+    assert all("closed" in str(exc) for exc in errors)
+
+
 def test_policy_validation() -> None:
     with pytest.raises(ValueError, match="min_interval"):
         PollPolicy(min_interval=2.0, max_interval=1.0)
