@@ -136,7 +136,7 @@ class AsyncNovita:
         )
         self._relay = webhook_relay
         self._scheduler = PollScheduler(
-            self.get_task_result,
+            self._fetch_task_result,
             max_concurrent_polls=max_concurrent_polls,
             policy=poll_policy if poll_policy is not None else PollPolicy(),
         )
@@ -230,6 +230,13 @@ class AsyncNovita:
         if not isinstance(task_id, str) or not task_id:
             raise InvalidRequestError(f"task_id must be a non-empty str, got {task_id!r}")
         self._check_open()
+        return await self._fetch_task_result(task_id)
+
+    async def _fetch_task_result(self, task_id: str) -> TaskResult:
+        """The GET of :meth:`get_task_result`, and the scheduler's polls. Those do not
+        check that the client is open: while it closes, a poll started before the
+        scheduler is cancelled must not end its wait with "closed" as a RuntimeError
+        (the scheduler's end gives every pending wait a NovitaError)."""
         return await self._transport.get(
             TASK_RESULT_PATH,
             params={"task_id": task_id},

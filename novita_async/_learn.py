@@ -233,8 +233,11 @@ class Learner:
         info = result.extra.debug_info
         if info is None or not info.submit_time_ms or not info.complete_time_ms:
             return None
-        submitted = info.submit_time_ms / 1000
-        duration = info.complete_time_ms / 1000 - submitted
+        try:
+            submitted = info.submit_time_ms / 1000
+            duration = info.complete_time_ms / 1000 - submitted
+        except OverflowError:  # an int beyond any float: no epoch milliseconds
+            return None
         if not 0 <= duration <= MAX_SECONDS:
             return None
         if submitted_at is not None:

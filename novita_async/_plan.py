@@ -394,13 +394,13 @@ class Planner:
     def failed(self, entry: Entry, exc: Exception) -> Outcome:
         now = anyio.current_time()
         policy, stats = self.policy, self.stats
-        if isinstance(exc, NotFoundError) and exc.reason == "TASK_NOT_FOUND":
+        if isinstance(exc, NotFoundError) and exc.reason.upper() == "TASK_NOT_FOUND":
             since = entry.submitted_at if entry.submitted_at is not None else entry.created_at
             if now - since < policy.not_found_grace:
                 stats.not_found_retries += 1
                 entry.next_at = now + self._error_delay(entry)
                 return Outcome()
-        elif isinstance(exc, ServerError) and exc.reason == "TASK_FAILED":
+        elif isinstance(exc, ServerError) and exc.reason.upper() == "TASK_FAILED":
             reason = exc.message or exc.reason
             task = Task(task_id=entry.task_id, status=TaskStatus.FAILED, reason=reason)
             return Outcome(result=TaskResult(task=task))

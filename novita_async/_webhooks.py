@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import anyio
 
-from ._convert import webhook_event
+from ._convert import decode_json, webhook_event
 from ._errors import MalformedResponseError, NotFoundError, WebhookVerificationError
 from ._results import TaskResult, WebhookEvent
 
@@ -73,11 +73,7 @@ def parse_webhook(body: WebhookBody) -> WebhookEvent:
         text = body
     else:
         raise TypeError(f"webhook body must be bytes, str or a mapping, not {type(body).__name__}")
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise MalformedResponseError("webhook body is not JSON", body=text[:2000]) from exc
-    return webhook_event(data)
+    return webhook_event(decode_json(text, what="webhook"))  # (too deep: malformed too)
 
 
 class WebhookVerifier:

@@ -10,6 +10,7 @@ A scheduler polls only while its loop task runs: tests wrap it in
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import random
@@ -21,18 +22,23 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import attrs
+import httpx
 import pytest
+import respx
 import trio
 import trio.testing
+from _support import KEY, RESULT, SPEC_RESULT_BODY, SPEC_TASK_ID
 
 from novita_async import (
     APIConnectionError,
+    AsyncNovita,
     AuthenticationError,
     MalformedResponseError,
     NotFoundError,
     NovitaError,
     PollPolicy,
     RateLimitError,
+    RetryPolicy,
     ServerError,
     TaskFailedError,
     TaskTimeoutError,
@@ -1220,6 +1226,107 @@ async def test_client_txt2img_on_the_emulator() -> None:
     assert emu.tasks_created == 5
     assert sum(emu.polls.values()) == client.scheduler.stats.polls_total
     assert client.scheduler.stats.waits == 5
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("field", ["submit_time_ms", "complete_time_ms"])
+async def test_debug_info_times_too_large_for_a_float_are_not_a_duration(
+    api: respx.MockRouter, field: str
+) -> None:
+    """A debug_info time of 400 digits (valid JSON, an int to the parser) is no epoch
+    millisecond: the task's result is returned, the scheduler and the client live on."""
+    body = copy.deepcopy(SPEC_RESULT_BODY)
+    body["extra"]["debug_info"][field] = 10**400
+    api.get(RESULT).mock(return_value=httpx.Response(200, json=body))
+    client = AsyncNovita(KEY, transport=httpx.AsyncHTTPTransport())
+    with anyio.fail_after(5):
+        async with client:
+            result = await client.wait(SPEC_TASK_ID, timeout=5)
+            assert result.status is TaskStatus.SUCCEED
+            assert client.scheduler.running
+            again = await client.wait(SPEC_TASK_ID, timeout=5)  # the scheduler still serves
+            assert again.status is TaskStatus.SUCCEED
+    assert client.scheduler.stats.duration_samples == 0
+    assert client.scheduler.stats.tasks_succeeded == 2
+
+
+@pytest.mark.anyio
+async def test_a_task_failed_500_ends_the_wait_whatever_the_reason_case(
+    api: respx.MockRouter,
+) -> None:
+    """The transport reads Novita's reasons case-blind (a 500 ``task_failed`` is not
+    retried: the task failed); the scheduler must too, not poll that task forever."""
+    body = {"code": 500, "reason": "task_failed", "message": "out of memory", "metadata": {}}
+    route = api.get(RESULT).mock(return_value=httpx.Response(500, json=body))
+    client = AsyncNovita(
+        KEY,
+        transport=httpx.AsyncHTTPTransport(),
+        retry_policy=RetryPolicy(max_retries=0),
+        poll_policy=PollPolicy(min_interval=0.01, max_interval=0.02, backoff_initial=0.01),
+    )
+    with anyio.fail_after(5):
+        async with client:
+            with pytest.raises(TaskFailedError) as info:
+                await client.wait(SPEC_TASK_ID)
+    assert info.value.reason == "out of memory"
+    assert route.call_count == 1
+    assert client.scheduler.stats.tasks_failed == 1
+
+
+@pytest.mark.anyio
+async def test_a_lowercase_task_not_found_gets_the_grace_too(api: respx.MockRouter) -> None:
+    body = {"code": 404, "reason": "task_not_found", "message": "", "metadata": {}}
+    route = api.get(RESULT).mock(
+        side_effect=[httpx.Response(404, json=body), httpx.Response(200, json=SPEC_RESULT_BODY)]
+    )
+    client = AsyncNovita(
+        KEY,
+        transport=httpx.AsyncHTTPTransport(),
+        retry_policy=RetryPolicy(max_retries=0),
+        poll_policy=PollPolicy(min_interval=0.01, max_interval=0.02, backoff_initial=0.01),
+    )
+    with anyio.fail_after(5):
+        async with client:
+            result = await client.wait(SPEC_TASK_ID)
+    assert result.status is TaskStatus.SUCCEED
+    assert route.call_count == 2
+    assert client.scheduler.stats.not_found_retries == 1
+
+
+@pytest.mark.anyio
+async def test_closing_the_client_mid_polls_ends_every_wait_with_a_novita_error() -> None:
+    """On asyncio the client's task group is cancelled by its host task, a loop turn after
+    ``aclose`` marks the client closed: a poll starting in that turn must not end its wait
+    with ``RuntimeError("this AsyncNovita client is closed")`` (README: closing ends every
+    pending wait with a NovitaError)."""
+
+    def running_task(request: httpx.Request) -> httpx.Response:
+        task = {"task_id": request.url.params["task_id"], "status": "TASK_STATUS_PROCESSING"}
+        return httpx.Response(200, json={"task": task})
+
+    errors: list[Exception] = []
+    for _ in range(5):  # polls run back to back: some start in that turn
+        client = AsyncNovita(
+            KEY,
+            transport=httpx.MockTransport(running_task),
+            poll_policy=PollPolicy(min_interval=0.0, max_interval=0.001, backoff_initial=0.001),
+        )
+
+        async def waiter(client: AsyncNovita, task_id: str) -> None:
+            try:
+                await client.wait(task_id)
+            except Exception as exc:  # collected and checked below
+                errors.append(exc)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg, client:
+                for i in range(16):
+                    tg.start_soon(waiter, client, f"t{i}")
+                await joined(client.scheduler, 16)  # (a wait after the close is refused)
+                await anyio.sleep(0.02)
+    assert len(errors) == 5 * 16
+    assert {type(exc) for exc in errors} == {NovitaError}
+    assert all("closed" in str(exc) for exc in errors)
 
 
 def test_policy_validation() -> None:

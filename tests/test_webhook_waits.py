@@ -122,6 +122,19 @@ async def test_a_stranger_posting_random_ids_costs_no_request() -> None:
     assert emu.polls_total == 0
 
 
+async def test_a_body_nested_too_deeply_for_the_json_parser_is_ignored() -> None:
+    """Deliveries are unsigned: a stranger's ``[[[...]]]`` (too deep for Python's parser,
+    a RecursionError) is "not a delivery" like any other junk, not an error in the route."""
+    emu = NovitaEmulator(durations=0.02)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    nested = b'{"event_type":"ASYNC_TASK_RESULT","payload":' + deep + b"}"
+    with anyio.fail_after(5):
+        async with emu.client(webhook_url=HOOK) as client:
+            for body in (deep, nested, deep.decode()):
+                assert await client.receive_webhook(body) is None
+    assert emu.polls_total == 0
+
+
 async def test_a_forged_success_for_a_running_task_resolves_nothing() -> None:
     emu = NovitaEmulator(durations=0.6)
     async with emu.client(webhook_url=HOOK, poll_policy=POLICY) as client:
