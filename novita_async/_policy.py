@@ -94,7 +94,10 @@ class PollStats:
     that started polls (``max_polls_per_tick``: the most one tick started).
     ``waits`` counts :meth:`PollScheduler.wait` calls and ``heap_pushes`` the
     scheduling operations: both grow with tasks and polls, never with the
-    number of tasks already tracked.
+    number of tasks already tracked. ``webhooks_received`` counts deliveries for
+    tasks tracked here (duplicates included), ``webhooks_unknown`` the others, and
+    ``webhooks_confirmed`` the tasks whose end a delivery announced and its GET
+    found (one per task, however many deliveries; a forgery counts nothing).
     """
 
     polls_total: int = 0

@@ -274,6 +274,7 @@ class PollScheduler:
         stats.webhooks_received += 1
         arrived = anyio.current_time()
         event = entry.confirming
+        first = event is None  # the delivery whose GET confirms: the one learned from
         if event is None:
             event = entry.confirming = anyio.Event()
             entry.resume_at = entry.next_at
@@ -284,7 +285,8 @@ class PollScheduler:
         await event.wait()
         if not entry.done or entry.result is None:
             return None
-        self._planner.delivered(entry, arrived)
+        if first:
+            self._planner.delivered(entry, arrived)
         return entry.result
 
     async def _confirm_now(self, entry: Entry) -> None:
@@ -308,7 +310,8 @@ class PollScheduler:
             entry.next_at = max(entry.next_at, entry.resume_at)  # a forgery moves nothing
         entry.resume_at = None
         if event is not None:
-            self._stats.webhooks_confirmed += 1
+            if entry.done and entry.result is not None:
+                self._stats.webhooks_confirmed += 1
             event.set()
 
     @staticmethod

@@ -100,7 +100,12 @@ async def test_concurrent_duplicates_share_one_get() -> None:
 
             for _ in range(6):
                 tg.start_soon(deliver)
+        stats = client.scheduler.stats
+        # one delivery time learned, not six: duplicates would skew its 99 % quantile
+        delivery_times = len(client.scheduler._planner.deliveries.raw)
     assert emu.polls[task_id] == 1
+    assert (stats.webhooks_received, stats.webhooks_confirmed) == (6, 1)
+    assert delivery_times == 1
     confirmed = [o for o in outcomes if o is not None]
     assert len(confirmed) == 7  # the waiter's result and every concurrent delivery's
     assert {o.task_id for o in confirmed} == {task_id}
@@ -148,9 +153,11 @@ async def test_a_forged_success_for_a_running_task_resolves_nothing() -> None:
             assert await client.receive_webhook(forged) is None
             assert emu.polls[task_id] == 1  # the one confirming GET said: still running
             assert not outcomes
+            assert client.scheduler.stats.webhooks_confirmed == 0
             await finished(emu, task_id)
             real = await client.receive_webhook(emu.webhook_event(task_id))
         assert real is not None
+        assert client.scheduler.stats.webhooks_confirmed == 1
         assert outcomes[0].status is TaskStatus.SUCCEED
         assert all("evil.example" not in image.image_url for image in outcomes[0].images)
         assert emu.polls[task_id] == 2
