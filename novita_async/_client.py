@@ -86,8 +86,10 @@ class AsyncNovita:
     * ``webhook_url``: your app's public URL for Novita's deliveries. Every
       submission then carries ``extra.webhook.url`` (unless your ``Extra``
       sets its own), your route hands each delivery to
-      :meth:`receive_webhook`, and waits are driven by deliveries: one
-      confirming GET per task, polls only when a delivery is clearly late.
+      :meth:`receive_webhook`, and the waits of :meth:`txt2img` and
+      :meth:`txt2img_many` are driven by deliveries: one confirming GET per
+      task, polls only when a delivery is clearly late. (:meth:`wait` on an id
+      from :meth:`submit_txt2img` polls as usual; a delivery still ends it.)
     * ``webhook_relay``: with several replicas behind a load balancer, passes
       a delivery to the replica that waits on its task (e.g.
       ``novita_async.redis.RedisWebhookRelay``).

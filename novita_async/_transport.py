@@ -90,7 +90,7 @@ def _default_transport(max_connections: int) -> httpx.AsyncBaseTransport | None:
     pool in shards of a few connections (trio, :mod:`._pool`); None where the environment
     sets proxies (``HTTPS_PROXY``, ...): httpx's client then builds its pool and the
     proxies' itself, as it does for every httpx user."""
-    if urllib.request.getproxies():
+    if _environment_proxies():
         return None
     try:
         asyncio.get_running_loop()
@@ -114,6 +114,16 @@ def _default_transport(max_connections: int) -> httpx.AsyncBaseTransport | None:
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     return AiohttpTransport(limits=limits, client=session)
+
+
+def _environment_proxies() -> bool:
+    """Whether httpx would route requests through a proxy: ``HTTP_PROXY``, ``HTTPS_PROXY``
+    or ``ALL_PROXY`` set (what httpx reads of ``urllib.request.getproxies()``), unless
+    ``NO_PROXY=*``. ``NO_PROXY`` alone, or another ``*_PROXY`` (``FTP_PROXY``), is none."""
+    proxies = urllib.request.getproxies()
+    if not any(proxies.get(scheme) for scheme in ("http", "https", "all")):
+        return False
+    return "*" not in (host.strip() for host in proxies.get("no", "").split(","))
 
 
 @functools.cache
