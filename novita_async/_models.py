@@ -201,11 +201,11 @@ def _sequence(name: str, value: Any) -> tuple[Any, ...]:
     return tuple(value)
 
 
-def _as_loras(value: Any) -> tuple[Any, ...]:
+def _as_loras(value: Iterable[Lora]) -> tuple[Any, ...]:
     return _sequence("loras", value)
 
 
-def _as_embeddings(value: Any) -> tuple[Any, ...]:
+def _as_embeddings(value: Iterable[Embedding]) -> tuple[Any, ...]:
     return _sequence("embeddings", value)
 
 
@@ -213,7 +213,7 @@ def _as_embeddings(value: Any) -> tuple[Any, ...]:
 MAX_ADDITIONAL_NESTING = 32
 
 
-def _as_dict(value: Any) -> dict[str, Any]:
+def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidRequestError(f"additional must be a mapping, got {value!r}")
     if not all(isinstance(key, str) for key in value):

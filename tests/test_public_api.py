@@ -95,3 +95,16 @@ def test_py_typed_marker_ships() -> None:
     from importlib import resources
 
     assert resources.files("novita_async").joinpath("py.typed").is_file()
+
+
+def test_converted_fields_keep_precise_init_types() -> None:
+    """Type checkers read a converted field's ``__init__`` type from its converter: an
+    ``Any`` there let ``loras=[1, 2]`` or ``additional=[1]`` pass mypy --strict."""
+    from collections.abc import Iterable, Mapping
+    from typing import Any, get_type_hints
+
+    n = novita_async
+    request = get_type_hints(n.Txt2ImgRequest.__init__)
+    assert request["loras"] == Iterable[n.Lora]
+    assert request["embeddings"] == Iterable[n.Embedding]
+    assert get_type_hints(n.Extra.__init__)["additional"] == Mapping[str, Any]
