@@ -71,10 +71,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             RedisWebhookRelay(REDIS_URL, channel="novita:webhooks")
         )
         public_url = os.environ.get("PUBLIC_URL")
-        base_url = os.environ.get("NOVITA_BASE_URL")
+        base_url = os.environ.get("NOVITA_BASE_URL") or "https://api.novita.ai"
         client = await stack.enter_async_context(
             AsyncNovita(
-                **({"base_url": base_url} if base_url else {}),
+                base_url=base_url,
                 rate_limiter=limiter,  # every submission of this worker, shared quota
                 webhook_url=f"{public_url}{WEBHOOK_PATH}" if public_url else None,
                 webhook_relay=relay,  # the client runs relay.serve() in its task group
