@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import anyio
 import anyio.abc
@@ -33,7 +33,7 @@ from ._webhooks import WebhookBody, WebhookRelay, receive_webhook
 if TYPE_CHECKING:
     from ._journal import AsyncJournal, Journal
 
-__all__ = ["AsyncNovita"]
+__all__ = ["AsyncNovita", "ClientOptions"]
 
 logger = logging.getLogger("novita_async")
 
@@ -45,6 +45,25 @@ _NOT_ENTERED = (
     "client:` (in FastAPI, enter it in the app's lifespan; in aiohttp, in cleanup_ctx; in "
     "pytest, in an async fixture), or call `await client.__aenter__()` / `aclose()` yourself"
 )
+
+
+class ClientOptions(TypedDict, total=False):
+    """:class:`AsyncNovita`'s parameters, for ``**kwargs`` that are handed on to it
+    (``NovitaEmulator.client(**options)``), so type checkers check those too."""
+
+    api_key: str | None
+    base_url: str
+    timeout: float | httpx.Timeout | NotGiven | None
+    max_retries: int
+    http_client: httpx.AsyncClient | None
+    transport: httpx.AsyncBaseTransport | None
+    max_connections: int
+    max_concurrent_polls: int
+    retry_policy: RetryPolicy | None
+    poll_policy: PollPolicy | None
+    rate_limiter: RateLimiter | None
+    webhook_url: str | None
+    webhook_relay: WebhookRelay | None
 
 
 class AsyncNovita:

@@ -108,3 +108,21 @@ def test_converted_fields_keep_precise_init_types() -> None:
     assert request["loras"] == Iterable[n.Lora]
     assert request["embeddings"] == Iterable[n.Embedding]
     assert get_type_hints(n.Extra.__init__)["additional"] == Mapping[str, Any]
+
+
+def test_emulator_client_kwargs_are_asyncnovitas() -> None:
+    """``emu.client(**kwargs)`` and ``server.client(**kwargs)`` take AsyncNovita's
+    parameters, typed (``**kwargs: Any`` let ``emu.client(max_conections=3)`` pass
+    mypy --strict): ``ClientOptions`` must list exactly those parameters."""
+    import inspect
+
+    from novita_async._client import ClientOptions
+    from novita_async.testing import EmulatorServer, NovitaEmulator
+
+    parameters = inspect.signature(novita_async.AsyncNovita).parameters
+    assert list(ClientOptions.__annotations__) == list(parameters)
+    for name, annotation in ClientOptions.__annotations__.items():
+        text = getattr(annotation, "__forward_arg__", annotation)  # a ForwardRef on 3.11
+        assert text == parameters[name].annotation, name
+    for method in (NovitaEmulator.client, EmulatorServer.client):
+        assert method.__annotations__["kwargs"] == "Unpack[ClientOptions]"

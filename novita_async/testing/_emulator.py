@@ -63,7 +63,9 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from .._client import AsyncNovita
+    from typing_extensions import Unpack
+
+    from .._client import AsyncNovita, ClientOptions
 
 __all__ = [
     "API_BASE_URL",
@@ -281,7 +283,7 @@ class NovitaEmulator:
         """
         return EmulatorTransport(self)
 
-    def client(self, **kwargs: Any) -> AsyncNovita:
+    def client(self, **kwargs: Unpack[ClientOptions]) -> AsyncNovita:
         """An :class:`~novita_async.AsyncNovita` wired to the in-process emulator.
 
         ``kwargs`` go to ``AsyncNovita`` (``api_key``/``base_url`` may be overridden).

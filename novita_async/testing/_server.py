@@ -23,7 +23,9 @@ from anyio.abc import SocketAttribute
 from ._wire import Call, EmulatedReset, Reply, parse_query
 
 if TYPE_CHECKING:
-    from .._client import AsyncNovita
+    from typing_extensions import Unpack
+
+    from .._client import AsyncNovita, ClientOptions
     from ._delivery import WebhookSender
 
 __all__ = ["EmulatorServer", "ServedEmulator"]
@@ -92,7 +94,7 @@ class EmulatorServer:
     def __repr__(self) -> str:
         return f"<EmulatorServer {self.base_url or 'stopped'} images={self.image_base_url!r}>"
 
-    def client(self, **kwargs: Any) -> AsyncNovita:
+    def client(self, **kwargs: Unpack[ClientOptions]) -> AsyncNovita:
         """An :class:`~novita_async.AsyncNovita` talking to this server over loopback."""
         from .._client import AsyncNovita
 
