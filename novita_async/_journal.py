@@ -107,6 +107,12 @@ _FROM: dict[JournalState, tuple[JournalState, ...]] = {
 }
 
 
+_UNSAFE = (
+    "while in use; refusing to write where a rerun cannot read it (it would pay again "
+    "for every prompt sent from now on)"
+)
+
+
 class JournalMismatchError(JournalError):
     """The journal was written for a different batch (an index maps to another request)."""
 
@@ -339,6 +345,10 @@ class Journal:
         if self.read_only:
             raise JournalError(f"journal {self.path} is open read-only")
         with self._locked() as conn:
+            if self._lock_fd is not None:
+                # Writing into a journal deleted or replaced at its path would record
+                # nothing a rerun can read: it would pay again for every POST from now.
+                same_file(self.path, self._lock_fd, when=_UNSAFE)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

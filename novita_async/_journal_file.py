@@ -15,6 +15,9 @@ submissions. On Linux the writer holds an ``flock`` on the database file itself,
 which covers every path to the same inode (Linux keeps ``flock`` locks apart from
 the ``fcntl`` locks sqlite takes on the same file). Elsewhere it locks
 ``<real path>-lock``, with symlinks resolved (hard links are not detected there).
+On Linux every write first checks that the path still names the locked file: a
+journal deleted or replaced while open is refused (sqlite would go on writing into
+the unlinked file, which no rerun finds: it would pay again).
 Network file systems are not supported (nor are they by sqlite).
 ``Journal(path, read_only=True)`` can inspect a journal at any time, also while a
 batch is writing it.
@@ -153,13 +156,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def same_file(path: Path, fd: int) -> None:
-    """The locked file must still be the one at ``path`` (not swapped meanwhile)."""
+def same_file(path: Path, fd: int, *, when: str = "while it was being opened") -> None:
+    """The locked file must still be the one at ``path`` (not deleted or swapped meanwhile)."""
     if not sys.platform.startswith("linux"):
         return
-    locked, current = os.fstat(fd), os.stat(path)
+    locked = os.fstat(fd)
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        raise JournalError(f"journal {path} was deleted or moved {when}") from None
+    except OSError as exc:
+        raise JournalError(f"journal {path}: {exc}") from exc
     if (locked.st_dev, locked.st_ino) != (current.st_dev, current.st_ino):
-        raise JournalError(f"journal {path} was replaced while it was being opened")
+        raise JournalError(f"journal {path} was replaced {when}")
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:

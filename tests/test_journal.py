@@ -620,6 +620,30 @@ def test_a_reader_holding_a_snapshot_does_not_stall_writes(tmp_path: Path, db: P
         ]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inode check is Linux-only")
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_journal_deleted_or_replaced_while_open_refuses_writes(
+    tmp_path: Path, db: Path, how: str
+) -> None:
+    """sqlite keeps writing into a file unlinked from its path: those writes are lost to
+    any rerun (which would create a new journal and pay again), so they are refused."""
+    with Journal(db) as journal:
+        journal.begin(entries(2))
+        journal.mark_submitting(0)
+        if how == "deleted":
+            for name in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):  # rm batch.db*
+                name.unlink(missing_ok=True)
+        else:
+            other = tmp_path / "other.db"
+            Journal(other).close()
+            os.replace(other, db)
+        with pytest.raises(JournalError, match=how):
+            journal.mark_submitted(0, "task-0")
+        with pytest.raises(JournalError, match=how):
+            journal.mark_submitting(1)
+        assert journal.records()[0].state == "submitting"  # reading still works
+
+
 def test_read_only_journal_sees_live_writes_and_cannot_write(db: Path) -> None:
     with pytest.raises(JournalError, match="no journal"):
         Journal(db, read_only=True)
@@ -823,6 +847,29 @@ async def test_timed_out_wait_keeps_the_task_for_the_next_run(db: Path) -> None:
     assert second[0].ok
     assert second[0].task_id == first[0].task_id
     assert emu.submissions == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inode check is Linux-only")
+async def test_a_batch_stops_when_its_journal_is_deleted(db: Path) -> None:
+    """``rm batch.db*`` while a batch runs: no POST may follow whose record a rerun cannot
+    find (the rerun would start a fresh journal and pay for it again)."""
+    emu = NovitaEmulator(durations=FAST)
+    emu.fail_next("txt2img", status=None, delay=1.0)  # the first POST's answer is slow
+    requests = batch("one", "two", "three")
+    with anyio.fail_after(10):
+        async with emu.client() as client:
+            run = client.txt2img_many(requests, journal=db, max_concurrent_submissions=1)
+            async with run:
+                while emu.submissions == 0:  # the first POST is on its way (1 s)
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.1)
+                for name in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+                    name.unlink(missing_ok=True)
+                with pytest.raises(JournalError, match="deleted"):
+                    async for _ in run:
+                        pass
+    assert emu.submissions == 1  # "two" and "three" were never sent
 
 
 @pytest.mark.anyio
