@@ -207,6 +207,22 @@ def test_slowed_down_limiter_paces_at_the_new_rate() -> None:
     assert admissions[-1].at >= 120
 
 
+def test_a_waiter_woken_at_a_recovery_boundary_still_waits_for_the_window() -> None:
+    """Regression: a waiter for a full window wakes at each recovery period's start; where
+    rounding put that instant a hair before the start ((33.3 - 13.3) / 5 < 4), the time to
+    the next period came out as 0, which means "admit now": 10 images went in one minute
+    of a 4/min limiter, everyone queued at once."""
+
+    async def main() -> list[Admission]:
+        await trio.sleep(13.3)
+        limiter = WeightedRateLimiter(4, recovery_period=5.0)
+        limiter.on_rate_limited(retry_after=0)  # 2/min, 4/min again after a clean period
+        return [await limiter.acquire(1) for _ in range(12)]
+
+    admissions = virtual(main)
+    assert max_window_load(admissions) <= 4
+
+
 def test_cancelled_waiter_gets_nothing_and_blocks_nobody() -> None:
     async def main() -> None:
         limiter = WeightedRateLimiter(2)
