@@ -116,7 +116,10 @@ class WeightedRateLimiter:
         self.admitted = 0.0
 
     def __repr__(self) -> str:
-        limit = self.per_minute
+        try:
+            limit = self.per_minute
+        except RuntimeError:  # no event loop running (so no clock): the last limit set
+            limit = self._limit
         shown = "unlimited" if limit is None else f"{limit:g}/min"
         return f"<WeightedRateLimiter {shown} rate_limited={self.rate_limited}>"
 

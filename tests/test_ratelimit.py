@@ -43,6 +43,14 @@ def test_rejects_bad_arguments() -> None:
         WeightedRateLimiter(20, min_per_minute=0)
 
 
+def test_repr_works_outside_an_event_loop() -> None:
+    """Regression: the repr read the event loop's clock, so ``repr(limiter)`` (a REPL, a
+    log line, the Submitter's repr) raised outside a running event loop."""
+    limiter = WeightedRateLimiter(20)
+    assert repr(limiter) == "<WeightedRateLimiter 20/min rate_limited=0>"
+    assert repr(WeightedRateLimiter()) == "<WeightedRateLimiter unlimited rate_limited=0>"
+
+
 @pytest.mark.anyio
 async def test_rejects_bad_weight() -> None:
     limiter = WeightedRateLimiter(20)
