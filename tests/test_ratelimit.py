@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from novita_async import WeightedRateLimiter
+from novita_async import Txt2ImgRequest, WeightedRateLimiter
 from novita_async._ratelimit import UNPACE_AFTER, WINDOW, Admission
 
 
@@ -346,3 +346,36 @@ def test_200_prompts_after_20_transient_429s_keep_their_pace() -> None:
     # trio's random scheduling order changes which POSTs meet the 429s (30 s was flaky).
     assert elapsed < 60
     assert after is None  # and the limiter is unpaced again
+
+
+# --------------------------------------------------------------------------- the Submitter
+
+
+@pytest.mark.anyio
+async def test_a_journal_failing_before_the_post_refunds_its_admission(tmp_path: Any) -> None:
+    """Regression: when the journal failed to record ``submitting`` (so nothing was sent),
+    the admission stayed taken: a limiter shared with other runs (the client's) lost the
+    prompt's images for a minute, though the Submitter's rule is "never sent: refunded"."""
+    from novita_async._journal import as_async_journal
+    from novita_async.testing import NovitaEmulator
+
+    inner, _ = as_async_journal(tmp_path / "batch.db")
+
+    class FailsOnSubmitting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        async def mark_submitting(self, index: int) -> None:
+            raise OSError("disk full")
+
+    emu = NovitaEmulator(durations=0.01)
+    limiter = WeightedRateLimiter(20)
+    with anyio.fail_after(10):
+        async with emu.client(rate_limiter=limiter) as client:
+            with pytest.raises(Exception, match="disk full"):
+                await client.txt2img_all(
+                    [Txt2ImgRequest(model_name="m.safetensors", prompt="a cat", image_num=4)],
+                    journal=FailsOnSubmitting(),  # type: ignore[arg-type]
+                )
+    assert emu.submissions == 0
+    assert limiter.admitted == 0
