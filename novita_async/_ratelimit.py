@@ -116,7 +116,10 @@ class WeightedRateLimiter:
         self.admitted = 0.0
 
     def __repr__(self) -> str:
-        limit = self.per_minute
+        try:
+            limit = self.per_minute
+        except RuntimeError:  # no event loop running (so no clock): the last limit set
+            limit = self._limit
         shown = "unlimited" if limit is None else f"{limit:g}/min"
         return f"<WeightedRateLimiter {shown} rate_limited={self.rate_limited}>"
 
@@ -144,7 +147,14 @@ class WeightedRateLimiter:
         return limit if self._ceiling is None else min(limit, self._ceiling)
 
     def _clean_periods(self, now: float) -> int:
-        return math.floor(max(now - self._quiet_since, 0.0) / self._recovery_period)
+        period = self._recovery_period
+        periods = math.floor(max(now - self._quiet_since, 0.0) / period)
+        # Rounding can put the quotient just below a whole number at the very instant a
+        # period starts (a waiter woken for it): that period has begun, else the time to
+        # the next one (``_next_recovery``) would be 0, which admits at once.
+        if self._quiet_since + (periods + 1) * period <= now:
+            periods += 1
+        return periods
 
     def _next_recovery(self, now: float) -> float:
         """Seconds until the limit next grows (inf if it cannot grow)."""

@@ -110,6 +110,7 @@ class _Attempts:
             try:
                 await self.journal.mark_submitting(self.index)
             except Exception as exc:  # not an answer of the API: nothing was sent
+                self.withdraw()  # so no quota was used
                 raise JournalStepFailed(exc, task_id=None) from exc
 
     async def accepted(self, task_id: str) -> None:

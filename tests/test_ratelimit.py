@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from novita_async import WeightedRateLimiter
+from novita_async import Txt2ImgRequest, WeightedRateLimiter
 from novita_async._ratelimit import UNPACE_AFTER, WINDOW, Admission
 
 
@@ -41,6 +41,14 @@ def test_rejects_bad_arguments() -> None:
         WeightedRateLimiter(20, burst=0)
     with pytest.raises(ValueError):
         WeightedRateLimiter(20, min_per_minute=0)
+
+
+def test_repr_works_outside_an_event_loop() -> None:
+    """Regression: the repr read the event loop's clock, so ``repr(limiter)`` (a REPL, a
+    log line, the Submitter's repr) raised outside a running event loop."""
+    limiter = WeightedRateLimiter(20)
+    assert repr(limiter) == "<WeightedRateLimiter 20/min rate_limited=0>"
+    assert repr(WeightedRateLimiter()) == "<WeightedRateLimiter unlimited rate_limited=0>"
 
 
 @pytest.mark.anyio
@@ -207,6 +215,22 @@ def test_slowed_down_limiter_paces_at_the_new_rate() -> None:
     assert admissions[-1].at >= 120
 
 
+def test_a_waiter_woken_at_a_recovery_boundary_still_waits_for_the_window() -> None:
+    """Regression: a waiter for a full window wakes at each recovery period's start; where
+    rounding put that instant a hair before the start ((33.3 - 13.3) / 5 < 4), the time to
+    the next period came out as 0, which means "admit now": 10 images went in one minute
+    of a 4/min limiter, everyone queued at once."""
+
+    async def main() -> list[Admission]:
+        await trio.sleep(13.3)
+        limiter = WeightedRateLimiter(4, recovery_period=5.0)
+        limiter.on_rate_limited(retry_after=0)  # 2/min, 4/min again after a clean period
+        return [await limiter.acquire(1) for _ in range(12)]
+
+    admissions = virtual(main)
+    assert max_window_load(admissions) <= 4
+
+
 def test_cancelled_waiter_gets_nothing_and_blocks_nobody() -> None:
     async def main() -> None:
         limiter = WeightedRateLimiter(2)
@@ -322,3 +346,36 @@ def test_200_prompts_after_20_transient_429s_keep_their_pace() -> None:
     # trio's random scheduling order changes which POSTs meet the 429s (30 s was flaky).
     assert elapsed < 60
     assert after is None  # and the limiter is unpaced again
+
+
+# --------------------------------------------------------------------------- the Submitter
+
+
+@pytest.mark.anyio
+async def test_a_journal_failing_before_the_post_refunds_its_admission(tmp_path: Any) -> None:
+    """Regression: when the journal failed to record ``submitting`` (so nothing was sent),
+    the admission stayed taken: a limiter shared with other runs (the client's) lost the
+    prompt's images for a minute, though the Submitter's rule is "never sent: refunded"."""
+    from novita_async._journal import as_async_journal
+    from novita_async.testing import NovitaEmulator
+
+    inner, _ = as_async_journal(tmp_path / "batch.db")
+
+    class FailsOnSubmitting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        async def mark_submitting(self, index: int) -> None:
+            raise OSError("disk full")
+
+    emu = NovitaEmulator(durations=0.01)
+    limiter = WeightedRateLimiter(20)
+    with anyio.fail_after(10):
+        async with emu.client(rate_limiter=limiter) as client:
+            with pytest.raises(Exception, match="disk full"):
+                await client.txt2img_all(
+                    [Txt2ImgRequest(model_name="m.safetensors", prompt="a cat", image_num=4)],
+                    journal=FailsOnSubmitting(),  # type: ignore[arg-type]
+                )
+    assert emu.submissions == 0
+    assert limiter.admitted == 0
