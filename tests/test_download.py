@@ -669,12 +669,10 @@ async def test_stale_part_files_are_cleaned_on_the_next_save(tmp_path: Path) -> 
     assert names_in(tmp_path) == [".image-1.png.89abcdef.part", ".notes.part", "new.png"]
 
 
-async def test_a_slow_live_download_is_not_cleaned_away_by_a_save_beside_it(
-    tmp_path: Path,
-) -> None:
-    """A body arriving slower than one chunk per ``STALE_PART_AGE`` leaves its part file
-    untouched that long: a save into the same folder must not take it for a dead
-    process's and delete it (the slow save then failed at its rename)."""
+async def _saves_beside_a_slow_download(slow: Path, folder: Path, others: list[Path]) -> bytes:
+    """Save ``slow`` from a body that stalls after its first chunk; meanwhile, with that
+    part file's mtime an hour old and the folder's last cleanup long past, save each of
+    ``others``. Returns the slow body (the slow save must still complete)."""
     release = anyio.Event()
     body = PNG * 200  # over one 256 KiB chunk: one write, then the stream stalls
 
@@ -688,27 +686,38 @@ async def test_a_slow_live_download_is_not_cleaned_away_by_a_save_beside_it(
             return httpx.Response(200, content=slow_body())
         return httpx.Response(200, content=PNG)
 
-    host = ImageHost(handler)
     saved: list[Path] = []
 
     async def slow_save(client: AsyncNovita) -> None:
-        saved.append(await client.save_image(presigned("/slow.png"), tmp_path / "slow.png"))
+        saved.append(await client.save_image(presigned("/slow.png"), slow))
 
     with anyio.fail_after(10):
-        async with client_for(host) as client, anyio.create_task_group() as tg:
+        async with client_for(ImageHost(handler)) as client, anyio.create_task_group() as tg:
             tg.start_soon(slow_save, client)
             parts: list[anyio.Path] = []
             while not parts or (await parts[0].stat()).st_size == 0:  # one chunk written
                 await anyio.sleep(0.01)
-                parts = [p async for p in anyio.Path(tmp_path).iterdir() if p.suffix == ".part"]
+                parts = [p async for p in anyio.Path(folder).iterdir() if p.suffix == ".part"]
             (part,) = parts
-            old = time.time() - 3600  # no write for an hour, as far as its mtime says
-            os.utime(part, (old, old))
-            _download._cleaned.clear()  # the folder's last cleanup is long past
-            await client.save_image(presigned(), tmp_path / "other.png")
+            for other in others:
+                old = time.time() - 3600  # no write for an hour, as far as its mtime says
+                os.utime(part, (old, old))
+                _download._cleaned.clear()  # the folder's last cleanup is long past
+                await client.save_image(presigned(), other)
             release.set()
-    assert saved == [tmp_path / "slow.png"]
-    assert (tmp_path / "slow.png").read_bytes() == body
+    assert saved == [slow]
+    return body
+
+
+async def test_a_slow_live_download_is_not_cleaned_away_by_a_save_beside_it(
+    tmp_path: Path,
+) -> None:
+    """A body arriving slower than one chunk per ``STALE_PART_AGE`` leaves its part file
+    untouched that long: a save into the same folder must not take it for a dead
+    process's and delete it (the slow save then failed at its rename)."""
+    slow = tmp_path / "slow.png"
+    body = await _saves_beside_a_slow_download(slow, tmp_path, [tmp_path / "other.png"])
+    assert slow.read_bytes() == body
     assert names_in(tmp_path) == ["other.png", "slow.png"]
 
 
@@ -720,45 +729,13 @@ async def test_a_live_download_is_not_cleaned_away_through_another_spelling_of_i
     (absolute, or through a symlink) took it for a dead process's and deleted it, and
     the slow save failed at its rename."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "link").symlink_to(tmp_path / "out")
-    release = anyio.Event()
-    body = PNG * 200  # over one 256 KiB chunk: one write, then the stream stalls
-
-    async def slow_body() -> AsyncIterator[bytes]:
-        yield body[: len(body) // 2]
-        await release.wait()
-        yield body[len(body) // 2 :]
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("slow.png"):
-            return httpx.Response(200, content=slow_body())
-        return httpx.Response(200, content=PNG)
-
-    host = ImageHost(handler)
-    saved: list[Path] = []
-
-    async def slow_save(client: AsyncNovita) -> None:
-        saved.append(await client.save_image(presigned("/slow.png"), Path("out/slow.png")))
-
-    with anyio.fail_after(10):
-        async with client_for(host) as client, anyio.create_task_group() as tg:
-            tg.start_soon(slow_save, client)
-            parts: list[anyio.Path] = []
-            while not parts or (await parts[0].stat()).st_size == 0:  # one chunk written
-                await anyio.sleep(0.01)
-                folder = anyio.Path(tmp_path / "out")
-                parts = [p async for p in folder.iterdir() if p.suffix == ".part"]
-            (part,) = parts
-            for other in (tmp_path / "out" / "a.png", tmp_path / "link" / "b.png"):
-                old = time.time() - 3600  # no write for an hour, as far as its mtime says
-                os.utime(part, (old, old))
-                _download._cleaned.clear()  # the folder's last cleanup is long past
-                await client.save_image(presigned(), other)
-            release.set()
-    assert saved == [Path("out/slow.png")]
-    assert (tmp_path / "out" / "slow.png").read_bytes() == body
-    assert names_in(tmp_path / "out") == ["a.png", "b.png", "slow.png"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "link").symlink_to(out)
+    others = [out / "a.png", tmp_path / "link" / "b.png"]
+    body = await _saves_beside_a_slow_download(Path("out/slow.png"), out, others)
+    assert (out / "slow.png").read_bytes() == body
+    assert names_in(out) == ["a.png", "b.png", "slow.png"]
 
 
 async def test_user_client_cookies_are_not_sent_on_redirects() -> None:

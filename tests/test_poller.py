@@ -1250,6 +1250,16 @@ async def test_debug_info_times_too_large_for_a_float_are_not_a_duration(
     assert client.scheduler.stats.tasks_succeeded == 2
 
 
+def fast_polling_client() -> AsyncNovita:
+    """No retries in the transport, polls 10-20 ms apart: the scheduler's decisions alone."""
+    return AsyncNovita(
+        KEY,
+        transport=httpx.AsyncHTTPTransport(),
+        retry_policy=RetryPolicy(max_retries=0),
+        poll_policy=PollPolicy(min_interval=0.01, max_interval=0.02, backoff_initial=0.01),
+    )
+
+
 @pytest.mark.anyio
 async def test_a_task_failed_500_ends_the_wait_whatever_the_reason_case(
     api: respx.MockRouter,
@@ -1258,12 +1268,7 @@ async def test_a_task_failed_500_ends_the_wait_whatever_the_reason_case(
     retried: the task failed); the scheduler must too, not poll that task forever."""
     body = {"code": 500, "reason": "task_failed", "message": "out of memory", "metadata": {}}
     route = api.get(RESULT).mock(return_value=httpx.Response(500, json=body))
-    client = AsyncNovita(
-        KEY,
-        transport=httpx.AsyncHTTPTransport(),
-        retry_policy=RetryPolicy(max_retries=0),
-        poll_policy=PollPolicy(min_interval=0.01, max_interval=0.02, backoff_initial=0.01),
-    )
+    client = fast_polling_client()
     with anyio.fail_after(5):
         async with client:
             with pytest.raises(TaskFailedError) as info:
@@ -1279,12 +1284,7 @@ async def test_a_lowercase_task_not_found_gets_the_grace_too(api: respx.MockRout
     route = api.get(RESULT).mock(
         side_effect=[httpx.Response(404, json=body), httpx.Response(200, json=SPEC_RESULT_BODY)]
     )
-    client = AsyncNovita(
-        KEY,
-        transport=httpx.AsyncHTTPTransport(),
-        retry_policy=RetryPolicy(max_retries=0),
-        poll_policy=PollPolicy(min_interval=0.01, max_interval=0.02, backoff_initial=0.01),
-    )
+    client = fast_polling_client()
     with anyio.fail_after(5):
         async with client:
             result = await client.wait(SPEC_TASK_ID)
