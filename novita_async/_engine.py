@@ -169,6 +169,7 @@ class Engine:
         self.done = anyio.Event()
         self.submitted = 0
         self.refusal: NovitaError | None = None  # the key or the API host is unusable
+        self.unsent: set[anyio.CancelScope] = set()  # submissions a refusal calls off
         self.thread = threading.get_ident()
 
     # ----------------------------------------------------------------- control
@@ -373,14 +374,19 @@ class Engine:
                 continue
             entry.submitted_at = anyio.current_time()  # until the POST is sent
             self.sending.add(entry.index)  # until it is submitted or an item
+            # A refusal met by another worker calls this submission off unless its POST
+            # is on the wire (shielded): it must not wait out its pacing, then be sent.
+            scope = anyio.CancelScope()
+            self.unsent.add(scope)
             try:
-                task_id, entry.submitted_at = await self.submitter.submit(
-                    entry.request,
-                    self.extra,
-                    limiter=self.limiter,
-                    journal=self.journal,
-                    index=entry.index,
-                )
+                with scope:
+                    task_id, entry.submitted_at = await self.submitter.submit(
+                        entry.request,
+                        self.extra,
+                        limiter=self.limiter,
+                        journal=self.journal,
+                        index=entry.index,
+                    )
             except JournalStepFailed as exc:  # the run stops; a paid task stays pending
                 if exc.task_id is not None:
                     entry.task_id = exc.task_id
@@ -393,14 +399,27 @@ class Engine:
                 if isinstance(exc, (AuthenticationError, PermissionDeniedError)) or (
                     isinstance(exc, APIConnectionError) and not self.submitted
                 ):
-                    self.refusal = exc
+                    self.unsent.discard(scope)
+                    self._refuse(exc)
                 self._deliver(entry, error=exc)
+                continue
+            finally:
+                self.unsent.discard(scope)
+            if scope.cancelled_caught:  # called off by a refusal before it was sent
+                assert self.refusal is not None
+                self._deliver(entry, error=self.refusal)
                 continue
             entry.task_id = task_id  # synchronously after the shielded POST: never lost
             self.sending.discard(entry.index)
             self.waiting[entry.index] = entry
             self.submitted += 1
             tg.start_soon(self._wait, entry)
+
+    def _refuse(self, exc: NovitaError) -> None:
+        """The key or the API host is unusable: no submission is sent from now on."""
+        self.refusal = exc
+        for scope in self.unsent:
+            scope.cancel()
 
     async def _wait(self, entry: _Entry) -> None:
         try:

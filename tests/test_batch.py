@@ -932,6 +932,24 @@ async def test_a_refused_key_stops_the_submissions(status: int) -> None:
     assert {id(item.error) for item in items[1:]} == {id(items[0].error)}
 
 
+async def test_a_refused_key_calls_off_the_submissions_waiting_for_their_pace() -> None:
+    """After a refused key, the prompts other workers took but had not sent yet (waiting
+    for the rate limiter) become items at once: they used to wait out their pacing (a
+    minute each here) and then be sent, each meeting the same refusal."""
+    emu = NovitaEmulator(durations=0.01)
+    emu.fail_next("txt2img", status=403, reason="INVALID_API_KEY", times=1000)
+    client, counting = client_for(emu)
+    with anyio.fail_after(5):  # was 3 more minutes, one paced POST after another
+        async with client:
+            items = await client.txt2img_all(
+                reqs(10), images_per_minute=1, max_concurrent_submissions=4
+            )
+    assert counting.posts_sent == 1
+    assert [item.index for item in items] == list(range(10))
+    assert all(type(item.error).__name__ == "AuthenticationError" for item in items)
+    assert all(item.task_id is None for item in items)
+
+
 async def test_a_refused_key_with_an_endless_input_lets_the_reader_leave() -> None:
     """After a refused key every prompt becomes an item without a request: an endless
     (lazy) input must not hold the event loop while the engine turns it into items."""
