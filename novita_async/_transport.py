@@ -469,7 +469,10 @@ class Transport:
                     exhausted = failures > retry.max_retries
                 if exhausted:
                     decision = "raise"
-            delay = None if attempts is None else await attempts.refused(error, decision)
+            delay = None
+            if attempts is not None:  # what the attempt cost is recorded whatever happens
+                with anyio.CancelScope(shield=True):
+                    delay = await attempts.refused(error, decision)
             if decision == "uncertain":
                 logger.warning("%s %s outcome unknown, not retried: %s", method, path, error)
                 raise Uncertain(error)

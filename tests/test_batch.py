@@ -950,6 +950,58 @@ async def test_a_refused_key_calls_off_the_submissions_waiting_for_their_pace() 
     assert all(item.task_id is None for item in items)
 
 
+class SlowUncertainJournal:
+    """An AsyncJournal in memory (as a user's might be: writes not shielded) whose
+    ``mark_uncertain`` takes a while."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, str] = {}
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def begin(self, entries: Any) -> dict[int, Any]:
+        self.states = {index: "new" for index, _ in entries}
+        return {}
+
+    async def mark_submitting(self, index: int) -> None:
+        self.states[index] = "submitting"
+
+    async def mark_submitted(self, index: int, task_id: str) -> None:
+        self.states[index] = "submitted"
+
+    async def mark_uncertain(self, index: int, message: str) -> None:
+        await anyio.sleep(0.3)
+        self.states[index] = "uncertain"
+
+    async def mark_rejected(self, index: int, message: str) -> None:
+        self.states[index] = "rejected"
+
+    async def mark_finished(self, index: int, *, result: Any, error: str | None) -> None:
+        self.states[index] = "failed" if error else "succeeded"
+
+
+async def test_a_refusal_does_not_turn_a_maybe_paid_prompt_into_a_refused_one() -> None:
+    """Two POSTs on the wire: one answers 500 (a task may exist), the other 403. The
+    refusal calls off the submissions not sent yet; the one whose outcome is being
+    recorded as uncertain was sent: it stays a SubmissionUncertainError item (it became
+    an AuthenticationError item, telling the user nothing was paid)."""
+    emu = NovitaEmulator(durations=0.01, latency=0.1)
+    emu.fail_next("txt2img", status=500, times=1)
+    emu.fail_next("txt2img", status=403, reason="INVALID_API_KEY", times=1000)
+    client, counting = client_for(emu)
+    journal = SlowUncertainJournal()
+    with anyio.fail_after(5):
+        async with client:
+            items = await client.txt2img_all(reqs(4), journal=journal, max_concurrent_submissions=2)
+    assert counting.posts_sent == 2
+    kinds = sorted(type(item.error).__name__ for item in items)
+    assert kinds == ["AuthenticationError"] * 3 + ["SubmissionUncertainError"]
+    (maybe_paid,) = [i for i in items if isinstance(i.error, SubmissionUncertainError)]
+    assert journal.states[maybe_paid.index] == "uncertain"
+
+
 async def test_a_refused_key_with_an_endless_input_lets_the_reader_leave() -> None:
     """After a refused key every prompt becomes an item without a request: an endless
     (lazy) input must not hold the event loop while the engine turns it into items."""
