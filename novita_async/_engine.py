@@ -170,6 +170,7 @@ class Engine:
         self.submitted = 0
         self.refusal: NovitaError | None = None  # the key or the API host is unusable
         self.unsent: set[anyio.CancelScope] = set()  # submissions a refusal calls off
+        self.reported = False  # the pending tasks were logged (at the stop, or when freed)
         self.thread = threading.get_ident()
 
     # ----------------------------------------------------------------- control
@@ -193,6 +194,11 @@ class Engine:
         return [task_id for _, task_id in sorted(found)]
 
     def report_abandoned(self) -> None:
+        """Log the paid tasks whose item was not handed out, once: at the stop, or (a run
+        that ended otherwise) when its handle is freed; a stopped run is freed later too."""
+        if self.reported:
+            return
+        self.reported = True
         ids = self.pending_task_ids()
         if ids:
             shown = ", ".join(ids[:_SHOWN_IDS]) + (", …" if len(ids) > _SHOWN_IDS else "")

@@ -581,6 +581,38 @@ async def test_abandoned_bare_loop_logs_pending_tasks(caplog: pytest.LogCaptureF
     assert all(task_id in messages[0] for task_id in emu.tasks if emu.tasks[task_id].duration > 1)
 
 
+@pytest.mark.parametrize("form", ["with", "aclose", "cancelled"])
+async def test_a_stopped_run_reports_its_pending_tasks_once_when_freed(
+    form: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run stopped early (left ``async with``, ``aclose``, its bare loop cancelled) logs
+    its paid, undelivered tasks at the stop; freeing the run afterwards must not log the
+    same tasks again (a second "billed" warning for one set of tasks)."""
+    emu = NovitaEmulator(durations=5.0)
+    client, _ = client_for(emu)
+    with anyio.fail_after(10):
+        async with client:
+            with caplog.at_level(logging.WARNING, logger="novita_async"):
+                run = client.txt2img_many(reqs(3))
+                with anyio.move_on_after(0.2):
+                    if form == "with":
+                        async with run:
+                            async for _item in run:
+                                pass
+                    else:
+                        async for _item in run:
+                            pass
+                if form == "aclose":
+                    await run.aclose()
+                assert run.closed
+                assert len(run.pending_task_ids) == 3
+                del run
+                gc.collect()
+    messages = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert len(messages) == 1
+    assert all(task_id in messages[0] for task_id in emu.tasks)
+
+
 async def test_break_while_a_refused_post_is_on_the_wire_reports_paid_tasks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
