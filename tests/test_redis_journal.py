@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 import trio
 from _redis_server import RedisServer
 
@@ -203,6 +204,41 @@ async def test_a_second_live_run_is_refused(redis_url: str, redis_key: str) -> N
         assert [r.state for r in await read(redis_url, redis_key)] == ["new"]
     async with RedisJournal(redis_url, redis_key) as third:  # released by the first
         await third.mark_submitting(0)
+
+
+#: A script that keeps Redis busy for ARGV[1] seconds: commands sent meanwhile wait, then run.
+_HOLD_REDIS = """
+local t = redis.call('TIME')
+local start = t[1] + t[2] / 1e6
+repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - start > tonumber(ARGV[1])
+return 1
+"""
+
+
+@pytest.mark.anyio
+async def test_an_open_cancelled_while_taking_the_lease_does_not_keep_it(
+    redis_url: str, redis_key: str
+) -> None:
+    # Cancelled after its SET NX was sent, before the answer: Redis still takes the lease,
+    # for a token nobody knew any more, so the name was refused ("in use by another run")
+    # until the lease expired, also to the rerun of the batch just cancelled.
+    other = aioredis.Redis.from_url(redis_url)
+    journal = RedisJournal(redis_url, redis_key, lease=30)
+    try:
+        await journal.records()  # connection open
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other.eval, _HOLD_REDIS, 0, "0.5")  # type: ignore[arg-type]
+            await anyio.sleep(0.1)
+            with anyio.move_on_after(0.1) as scope:
+                await journal.open()  # sent, answered only once Redis is free again
+            assert scope.cancelled_caught
+        await journal.aclose()
+        with anyio.fail_after(5):
+            async with RedisJournal(redis_url, redis_key) as rerun:
+                await rerun.begin([(0, "a")])
+    finally:
+        await journal.aclose()
+        await other.aclose()
 
 
 @pytest.mark.anyio
