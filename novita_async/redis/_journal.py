@@ -126,6 +126,9 @@ class RedisJournal:
                 await self._release(keys=self._keys[:1], args=[token])
             raise
         if not taken:
+            # A SET sent again (its first answer lost) finds the lease its first try took.
+            taken = await self._call(client.get, self._keys[0]) in (token, token.encode())
+        if not taken:
             raise JournalError(
                 f"journal {self.name!r} is in use by another run (lease {self._keys[0]} is "
                 f"held; it expires {self.lease:g} s after that run stops renewing it); two "
