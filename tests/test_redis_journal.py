@@ -4,6 +4,8 @@ process, Redis restarts, and the asyncio-only guard."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -16,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 import trio
 from _redis_server import RedisServer
 
@@ -203,6 +206,99 @@ async def test_a_second_live_run_is_refused(redis_url: str, redis_key: str) -> N
         assert [r.state for r in await read(redis_url, redis_key)] == ["new"]
     async with RedisJournal(redis_url, redis_key) as third:  # released by the first
         await third.mark_submitting(0)
+
+
+#: A script that keeps Redis busy for ARGV[1] seconds: commands sent meanwhile wait, then run.
+_HOLD_REDIS = """
+local t = redis.call('TIME')
+local start = t[1] + t[2] / 1e6
+repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - start > tonumber(ARGV[1])
+return 1
+"""
+
+
+@pytest.mark.anyio
+async def test_an_open_cancelled_while_taking_the_lease_does_not_keep_it(
+    redis_url: str, redis_key: str
+) -> None:
+    # Cancelled after its SET NX was sent, before the answer: Redis still takes the lease,
+    # for a token nobody knew any more, so the name was refused ("in use by another run")
+    # until the lease expired, also to the rerun of the batch just cancelled.
+    other = aioredis.Redis.from_url(redis_url)
+    journal = RedisJournal(redis_url, redis_key, lease=30)
+    try:
+        await journal.records()  # connection open
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other.eval, _HOLD_REDIS, 0, "0.5")  # type: ignore[arg-type]
+            await anyio.sleep(0.1)
+            with anyio.move_on_after(0.1) as scope:
+                await journal.open()  # sent, answered only once Redis is free again
+            assert scope.cancelled_caught
+        await journal.aclose()
+        with anyio.fail_after(5):
+            async with RedisJournal(redis_url, redis_key) as rerun:
+                await rerun.begin([(0, "a")])
+    finally:
+        await journal.aclose()
+        await other.aclose()
+
+
+class _ReplyDropper:
+    """A loopback proxy to Redis that can cut a connection instead of passing on a reply
+    (the command ran; its answer is lost, as when a connection breaks at that moment)."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.drop = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, replies: bool) -> None:
+            while data := await r.read(65536):
+                if replies and self.drop:
+                    self.drop -= 1
+                    client_w.transport.abort()
+                    server_w.close()
+                    return
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # torn down
+            await asyncio.gather(pipe(client_r, server_w, False), pipe(server_r, client_w, True))
+
+
+@pytest.mark.anyio
+async def test_open_whose_answer_was_lost_recognises_its_own_lease(
+    redis_server: RedisServer, redis_key: str
+) -> None:
+    # The SET NX ran but its answer was lost: redis-py (or open's second try) sends it again,
+    # finds the lease taken (by this very open) and open said "in use by another run",
+    # leaving the name locked for a whole lease.
+    proxy = _ReplyDropper(redis_server.port)
+    async with proxy as url:
+        journal = RedisJournal(url, redis_key, lease=30)
+        try:
+            await journal.records()  # connection open
+            proxy.drop = 1
+            with anyio.fail_after(10):
+                await journal.open()
+            await journal.begin([(0, "a")])
+        finally:
+            await journal.aclose()
+        assert "in use by another run" not in str(await read(redis_server.url, redis_key))
+        async with RedisJournal(redis_server.url, redis_key) as rerun:  # released
+            await rerun.mark_submitting(0)
 
 
 @pytest.mark.anyio

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 import trio
 from _redis_server import RedisServer
 
@@ -195,6 +196,38 @@ async def test_refunds_and_cancelled_waiters_give_capacity_back(
         assert isinstance(b, RedisAdmission)
         with pytest.raises(TypeError):
             lim.refund(type(a).__mro__[1](0.0, 1, 1))  # a plain Admission
+
+
+#: A script that keeps Redis busy for ARGV[1] seconds: commands sent meanwhile wait, then run.
+_HOLD_REDIS = """
+local t = redis.call('TIME')
+local start = t[1] + t[2] / 1e6
+repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - start > tonumber(ARGV[1])
+return 1
+"""
+
+
+@pytest.mark.anyio
+async def test_an_acquire_cancelled_while_its_reservation_is_in_flight_gives_it_back(
+    redis_url: str, redis_key: str
+) -> None:
+    # Cancelled after its script was sent, before the answer: Redis still runs the script.
+    # The reservation it made was kept (its member unknown to the caller): a whole window
+    # of capacity lost, although the caller got no admission.
+    other = aioredis.Redis.from_url(redis_url)
+    try:
+        async with RedisRateLimiter(redis_url, 1, key=redis_key, window=30, margin=0) as lim:
+            await lim.flush()  # script loaded, connection open
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(other.eval, _HOLD_REDIS, 0, "0.5")  # type: ignore[arg-type]
+                await anyio.sleep(0.1)
+                with anyio.move_on_after(0.1) as scope:
+                    await lim.acquire(1)  # sent, answered only once Redis is free again
+                assert scope.cancelled_caught
+            with anyio.fail_after(5):  # with the reservation kept: 30 s
+                await lim.acquire(1)
+    finally:
+        await other.aclose()
 
 
 @pytest.mark.anyio

@@ -28,6 +28,7 @@ starting over inside a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -112,7 +113,21 @@ class RedisJournal:
             )
         token = secrets.token_hex(16)
         client = self._redis.client
-        taken = await self._call(client.set, self._keys[0], token, nx=True, px=self._lease_ms)
+        try:
+            taken = await self._call(client.set, self._keys[0], token, nx=True, px=self._lease_ms)
+        except JournalError:
+            raise
+        except BaseException:
+            # Cancelled while the SET was on its way: Redis may have taken the lease for
+            # this token all the same; give it back, or the name stays refused to every run
+            # (this batch's rerun too) until the lease expires.
+            shield, bound = anyio.CancelScope(shield=True), anyio.move_on_after(5)
+            with shield, bound, contextlib.suppress(*UNAVAILABLE):
+                await self._release(keys=self._keys[:1], args=[token])
+            raise
+        if not taken:
+            # A SET sent again (its first answer lost) finds the lease its first try took.
+            taken = await self._call(client.get, self._keys[0]) in (token, token.encode())
         if not taken:
             raise JournalError(
                 f"journal {self.name!r} is in use by another run (lease {self._keys[0]} is "

@@ -40,6 +40,7 @@ uneven speeds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from types import TracebackType
@@ -212,27 +213,51 @@ class RedisRateLimiter:
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         require_asyncio("RedisRateLimiter")
         await anyio.lowlevel.checkpoint_if_cancelled()
-        reserved = await self._call("reserve", _num(weight))
-        member = reserved.member
+        member = ""
         try:
-            reply = reserved
+            reserved = reply = await self._reserve(weight)
+            member = reserved.member
             while reply.wait > _DUE:
                 await anyio.sleep(reply.wait)
                 reply = await self._call("check", member)
                 if reply.wait < 0:  # gone: Redis restarted or lost the key; queue again
                     logger.warning("rate limiter %r: reservation lost, queueing again", self.key)
-                    reserved = reply = await self._call("reserve", _num(weight))
+                    member = ""
+                    reserved = reply = await self._reserve(weight)
                     member = reserved.member
         except BaseException:
-            self._pending.append(("refund", 0.0, None, None, member))
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
-                try:
-                    await self.flush()
-                except (RedisUnavailableError, *UNAVAILABLE):
-                    pass
+            if member:
+                self._pending.append(("refund", 0.0, None, None, member))
+            if self._pending:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                    try:
+                        await self.flush()
+                    except (RedisUnavailableError, *UNAVAILABLE):
+                        pass
             raise
         self.admitted += reserved.weight
         return RedisAdmission(anyio.current_time(), reserved.weight, reserved.seq, member)
+
+    async def _reserve(self, weight: float) -> _Reply:
+        """Reserve ``weight``; if the caller is cancelled while the script is in flight, the
+        reservation it made anyway (Redis runs what it was sent) is queued for refund.
+
+        The script runs in a task of its own, shielded from the caller's cancellation, and a
+        cancelled caller waits for its answer (at most ``_CLEANUP_TIMEOUT``) to learn the
+        member to give back: otherwise that capacity was lost for a whole window.
+        """
+        call = asyncio.ensure_future(self._call("reserve", _num(weight)))
+        try:
+            return await asyncio.shield(call)
+        except BaseException:
+            if not call.done():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                    await asyncio.wait([call])
+            if not call.done():
+                call.cancel()  # Redis too slow to answer: nothing more to do
+            elif not call.cancelled() and call.exception() is None:
+                self._pending.append(("refund", 0.0, None, None, call.result().member))
+            raise
 
     def refund(self, admission: Admission) -> None:
         """Forget an admission the server certainly did not count (applied at the next call)."""
