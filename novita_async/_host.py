@@ -41,6 +41,7 @@ class TaskHost:
         self._cm: anyio.abc.TaskGroup | None = None  # trio: the group entered in our task
         self._task: Any = None  # asyncio: the host task
         self._stop: anyio.Event | None = None
+        self._owner: int | None = None  # trio: the task that entered the group
 
     @property
     def open(self) -> bool:
@@ -80,6 +81,7 @@ class TaskHost:
                 await self._task
         else:
             group = anyio.create_task_group()
+            self._owner = anyio.get_current_task().id
             self._tg = await group.__aenter__()
             self._cm = group
             try:
@@ -111,6 +113,12 @@ class TaskHost:
         if self.state is not HostState.OPEN:
             self.state = HostState.CLOSED
             return
+        if self._cm is not None and anyio.get_current_task().id != self._owner:
+            # leaving a nursery from another task corrupts trio's cancel scope stack
+            raise RuntimeError(
+                "on trio an AsyncNovita client must be closed by the task that entered it, "
+                "at the same nesting (as a nursery is): use `async with AsyncNovita() as client`"
+            )
         self.state = HostState.CLOSED
         if self._task is not None:
             assert self._stop is not None

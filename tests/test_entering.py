@@ -132,3 +132,29 @@ async def test_a_run_made_in_the_block_and_iterated_after_it_says_the_client_clo
         async for _ in run:
             pass
     assert not emu.tasks
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_on_trio_closing_from_another_task_is_a_clear_error(anyio_backend: str) -> None:
+    """On trio the client's nursery lives in the task that entered it: leaving it from
+    another task corrupted trio's cancel scope stack (the whole run broke). It is refused
+    with a message saying how to enter the client; the owner can still close it."""
+    emu = NovitaEmulator(durations=0.02)
+    client = emu.client()
+    await client.__aenter__()
+    errors: list[BaseException] = []
+
+    async def close_elsewhere() -> None:
+        try:
+            await client.aclose()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close_elsewhere)
+    assert len(errors) == 1
+    assert "the task that entered it" in str(errors[0])
+    assert not client.is_closed
+    await client.aclose()
+    assert client.is_closed
