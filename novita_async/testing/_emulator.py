@@ -150,8 +150,9 @@ class NovitaEmulator:
             raise ValueError("workers must be None (unbounded) or >= 1")
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError("failure_rate must be within [0, 1]")
-        if min(queue_delay, latency, not_found_for) < 0 or image_url_ttl <= 0:
-            raise ValueError("delays must be >= 0 and image_url_ttl > 0")
+        delays = (queue_delay, latency, not_found_for, image_url_ttl)
+        if not all(math.isfinite(d) for d in delays) or min(delays[:3]) < 0 or image_url_ttl <= 0:
+            raise ValueError("delays must be finite and >= 0, and image_url_ttl finite and > 0")
         if not api_key:
             raise ValueError("api_key must be non-empty")
         self.api_key = api_key
