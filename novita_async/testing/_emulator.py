@@ -387,6 +387,17 @@ class NovitaEmulator:
         webhook = self.tasks[task_id].extra.get("webhook")
         if webhook is not None:
             payload["extra"]["webhook"] = webhook
+            test_mode = webhook.get("test_mode") if isinstance(webhook, Mapping) else None
+            if isinstance(test_mode, Mapping) and test_mode.get("enabled"):
+                # Novita's test mode sends a mock event with the status asked for.
+                status = test_mode.get("return_task_status") or "TASK_STATUS_SUCCEED"
+                task = payload["task"]
+                task["status"] = status
+                if status == "TASK_STATUS_FAILED":
+                    task["reason"] = task["reason"] or FAILURE_REASON
+                    payload["images"] = []
+                else:
+                    task["reason"] = ""
         return {"event_type": "ASYNC_TASK_RESULT", "payload": payload}
 
     # ------------------------------------------------------------- the handler
