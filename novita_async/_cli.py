@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -175,8 +176,8 @@ async def _demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, live: 
     from .testing import NovitaEmulator
 
     low, high = args.durations
-    if not 0 <= low <= high:
-        raise UsageError("--durations needs 0 <= MIN <= MAX")
+    if not (0 <= low <= high and math.isfinite(high)):
+        raise UsageError("--durations needs finite 0 <= MIN <= MAX")
     live.billed = False
     prompts = list(DEMO_PROMPTS)
     if args.with_failure:

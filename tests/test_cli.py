@@ -274,6 +274,8 @@ async def test_an_unreachable_host_stops_the_batch_with_exit_4(tmp_path: Path) -
         (["generate", "a cat", "--images-per-minute", "-3"], "positive"),
         (["generate", "a cat", "--image-type", "gif"], "invalid choice"),
         (["demo", "--durations", "2", "1"], "--durations"),
+        (["demo", "--durations", "0", "inf"], "--durations"),
+        (["demo", "--durations", "nan", "nan"], "--durations"),
         (["demo", "--out", "{file}"], "is a file, not a directory"),
         (["demo", "--out", "{file}/sub"], "is a file, not a directory"),
         (["generate", "a", "--api-key", "k", "--journal", "{dir}"], "is a directory"),

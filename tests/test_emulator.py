@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -979,6 +981,57 @@ def test_module_rejects_bad_options() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--durations", "3,1"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--durations", "nan"],
+        ["--durations", "inf"],
+        ["--durations", "0,inf"],
+        ["--queue-delay", "nan"],
+        ["--image-url-ttl", "nan"],
+        ["--images-per-minute", "nan"],
+        ["--webhooks", "--webhook-delay", "nan"],
+        ["--port", "70000"],
+    ],
+)
+def test_module_rejects_non_finite_options(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Non-finite numbers used to be accepted: every txt2img then failed inside
+    # the server (a dropped connection), or quotas and TTLs silently never applied.
+    from novita_async.testing import __main__ as module
+    from novita_async.testing.__main__ import main
+
+    def serve_instead(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the options were accepted: it would serve")
+
+    monkeypatch.setattr(module.anyio, "run", serve_instead)
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("durations", [math.nan, math.inf, (0.0, math.inf)])
+def test_non_finite_durations_are_refused_up_front(durations: Any) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        NovitaEmulator(durations=durations)
+
+
+def test_module_port_in_use_is_one_error_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "novita_async.testing", "--port", str(port)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()  # no traceback
+    assert f"cannot listen on 127.0.0.1 (--port {port}" in line
 
 
 @pytest.mark.anyio

@@ -90,6 +90,35 @@ async def test_a_task_that_ends_is_delivered_once_after_the_delay() -> None:
     assert emu.webhook_stats is stats
 
 
+async def test_webhook_test_mode_delivers_the_status_asked_for() -> None:
+    # extra.webhook.test_mode asks Novita for a mock event with return_task_status;
+    # the emulator ignored it, so a user's failure-path test never saw a FAILED event.
+    emu = NovitaEmulator(durations=0.01)
+    receiver = Receiver(emu)
+
+    def with_test_mode(prompt: str, status: str) -> dict[str, Any]:
+        mode = {"enabled": True, "return_task_status": status}
+        return {
+            "request": request_json(prompt=prompt),
+            "extra": {"webhook": {"url": HOOK, "test_mode": mode}},
+        }
+
+    with anyio.fail_after(10):
+        async with emu.webhooks(deliver=receiver, delay=0.0):
+            failed, ok = await submit(
+                emu,
+                with_test_mode("a cat", "TASK_STATUS_FAILED"),
+                with_test_mode("a dog", "TASK_STATUS_SUCCEED"),
+            )
+            await until(lambda: len(receiver.calls) == 2)
+    events = {e["payload"]["task"]["task_id"]: e["payload"] for _, e, _ in receiver.calls}
+    assert events[failed]["task"]["status"] == "TASK_STATUS_FAILED"
+    assert events[failed]["task"]["reason"] != ""
+    assert events[failed]["images"] == []
+    assert events[ok]["task"]["status"] == "TASK_STATUS_SUCCEED"
+    assert len(events[ok]["images"]) == 1
+
+
 async def test_duplicate_rate_one_delivers_every_task_twice() -> None:
     emu = NovitaEmulator(durations=0.01)
     receiver = Receiver(emu)

@@ -56,6 +56,8 @@ when it ends, while a sender runs (it needs a task group)::
 delivers in-process. Non-2xx, errors and 5 s timeouts are retried up to 5 times,
 like Novita. ``emu.serve(webhooks={...})`` runs a sender with the server (image
 URLs then point at the loopback image host).
+``extra.webhook.test_mode`` with ``enabled: true`` makes the event a mock with
+``return_task_status`` (FAILED: no images), like Novita's test mode.
 
 Stepping time and injecting faults::
 

@@ -50,6 +50,13 @@ def _durations(text: str) -> DurationSpec:
     raise argparse.ArgumentTypeError("use SECONDS or LO,HI")
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("a port is within 0..65535")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m novita_async.testing",
@@ -63,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
     )
-    p.add_argument("--port", type=int, default=0, help="API port (default: 0, any free port)")
+    p.add_argument("--port", type=_port, default=0, help="API port (default: 0, any free port)")
     p.add_argument(
-        "--image-port", type=int, default=0, help="image host port (default: 0, any free port)"
+        "--image-port", type=_port, default=0, help="image host port (default: 0, any free port)"
     )
     p.add_argument(
         "--durations",
@@ -186,7 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             emulator.webhooks(**_webhook_options(args))  # checks the options
     except ValueError as exc:
         parser.error(str(exc))
-    anyio.run(_serve, emulator, args, backend=args.backend)
+    try:
+        anyio.run(_serve, emulator, args, backend=args.backend)
+    except OSError as exc:  # e.g. the port is in use
+        where = f"{args.host} (--port {args.port}, --image-port {args.image_port})"
+        print(
+            f"{parser.prog}: error: cannot listen on {where}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -125,6 +125,9 @@ class WebhookSender:
         image_base_url: str = IMAGE_BASE_URL,
     ) -> None:
         fixed, spread = (delay, 0.0) if isinstance(delay, (int, float)) else delay
+        delays = (fixed, spread, retry_delay, timeout)
+        if not all(math.isfinite(d) for d in delays):
+            raise ValueError("delays and timeout must be finite")
         if min(fixed, spread, retry_delay) < 0 or timeout <= 0 or retries < 0:
             raise ValueError("delays and retries must be >= 0 and timeout > 0")
         for name, rate in (("duplicate_rate", duplicate_rate), ("loss_rate", loss_rate)):

@@ -150,8 +150,9 @@ class NovitaEmulator:
             raise ValueError("workers must be None (unbounded) or >= 1")
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError("failure_rate must be within [0, 1]")
-        if min(queue_delay, latency, not_found_for) < 0 or image_url_ttl <= 0:
-            raise ValueError("delays must be >= 0 and image_url_ttl > 0")
+        delays = (queue_delay, latency, not_found_for, image_url_ttl)
+        if not all(math.isfinite(d) for d in delays) or min(delays[:3]) < 0 or image_url_ttl <= 0:
+            raise ValueError("delays must be finite and >= 0, and image_url_ttl finite and > 0")
         if not api_key:
             raise ValueError("api_key must be non-empty")
         self.api_key = api_key
@@ -386,6 +387,17 @@ class NovitaEmulator:
         webhook = self.tasks[task_id].extra.get("webhook")
         if webhook is not None:
             payload["extra"]["webhook"] = webhook
+            test_mode = webhook.get("test_mode") if isinstance(webhook, Mapping) else None
+            if isinstance(test_mode, Mapping) and test_mode.get("enabled"):
+                # Novita's test mode sends a mock event with the status asked for.
+                status = test_mode.get("return_task_status") or "TASK_STATUS_SUCCEED"
+                task = payload["task"]
+                task["status"] = status
+                if status == "TASK_STATUS_FAILED":
+                    task["reason"] = task["reason"] or FAILURE_REASON
+                    payload["images"] = []
+                else:
+                    task["reason"] = ""
         return {"event_type": "ASYNC_TASK_RESULT", "payload": payload}
 
     # ------------------------------------------------------------- the handler

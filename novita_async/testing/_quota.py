@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 __all__ = ["Quota"]
@@ -13,8 +14,8 @@ class Quota:
     """``admit(weight, now)``: None (and record it) or the seconds until it fits."""
 
     def __init__(self, images_per_minute: float | None = None) -> None:
-        if images_per_minute is not None and images_per_minute <= 0:
-            raise ValueError("images_per_minute must be > 0 or None")
+        if images_per_minute is not None and not 0 < images_per_minute < math.inf:
+            raise ValueError("images_per_minute must be finite and > 0, or None")
         self.images_per_minute = images_per_minute
         self._window: deque[tuple[float, int]] = deque()
         self._weight = 0

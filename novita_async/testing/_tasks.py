@@ -101,14 +101,14 @@ def duration_source(spec: DurationSpec, rng: random.Random) -> Callable[[Mapping
     if callable(spec):
         return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        if spec < 0:
-            raise ValueError("durations must be >= 0")
+        if not (math.isfinite(spec) and spec >= 0):
+            raise ValueError("durations must be a finite number >= 0")
         fixed = float(spec)
         return lambda _body: fixed
     if isinstance(spec, tuple) and len(spec) == 2:
         lo, hi = float(spec[0]), float(spec[1])
-        if not 0 <= lo <= hi:
-            raise ValueError("durations=(lo, hi) needs 0 <= lo <= hi")
+        if not (0 <= lo <= hi and math.isfinite(hi)):
+            raise ValueError("durations=(lo, hi) needs finite 0 <= lo <= hi")
         return lambda _body: rng.uniform(lo, hi)
     raise TypeError("durations must be a number, a (lo, hi) tuple or a callable")
 
