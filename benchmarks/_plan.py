@@ -68,8 +68,9 @@ def _spec(section: str, workload: str, tasks: int, **kw: Any) -> dict[str, Any]:
 
 
 def _repeat(form: str) -> dict[str, Any]:
-    """The cold bare and ``async with`` cells (#8's comparison) run ``FORM_REPEATS`` times:
-    single runs vary by 10-20 % on this machine, more than the 1.15x they are held to."""
+    """The cold bare and ``async with`` cells (#8's comparison) run ``FORM_REPEATS`` times,
+    alternately (``run.run_round_robin``): single runs vary by 10-20 % on this machine, more
+    than the 1.15x they are held to, and a slow spell must not hit the runs of one form."""
     return {"repeat": FORM_REPEATS} if form in ("bare", "with") else {}
 
 

@@ -73,8 +73,8 @@ def _forms_table(rows: list[dict[str, Any]]) -> list[str]:
         f"Ratios are bare ÷ `async with` and single ÷ `async with` (wall / CPU / polls); "
         f"goal (#8): bare within {GOAL_FORMS}x on all three at 1000 prompts. Cold bare and "
         "`async with` cells are the mean of "
-        f"{max((len(r.get('runs', [])) for r in lib), default=1)} runs each "
-        "(`results.json` keeps every run).",
+        f"{max((len(r.get('runs', [])) for r in lib), default=1)} runs each, bare and "
+        "`async with` run alternately (`results.json` keeps every run).",
         "",
         f"| workload | backend | state | {FORMS['with']} | {FORMS['bare']} | bare ÷ with | "
         f"{FORMS['single']} | single ÷ with |",
@@ -170,7 +170,8 @@ def _small_table(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Goal (#9), as at 1000 prompts above: polls per task <= the fixed 1 s loop's and "
         "added latency p95 below it, cold, default settings. Each cell is the mean of "
-        f"{max(len(r.get('runs', [])) for r in sel) or 1} runs.",
+        f"{max(len(r.get('runs', [])) for r in sel) or 1} runs, the clients of a workload "
+        "run in turn.",
         "",
         "| workload | client | polls/task | added latency p50 / p95 (s) | client CPU ms/task | "
         "polls ÷ 1 s loop | p95 ÷ 1 s loop | wall (s) | failures |",

@@ -108,6 +108,42 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def compared(specs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The specs in running order, in groups: consecutive repeated specs of one comparison
+    (same section, workload, size and warm-up: bare against ``async with``; at 100 prompts
+    the backends and the 1 s loop too)
+    form one group, every other spec a group of its own."""
+    groups: list[list[dict[str, Any]]] = []
+
+    def key(spec: dict[str, Any]) -> tuple[Any, ...]:
+        fields = ("section", "workload", "tasks", "warmup", "repeat")
+        return tuple(spec.get(field) for field in fields)
+
+    for spec in specs:
+        last = groups[-1] if groups else None
+        if last and spec.get("repeat", 1) > 1 and key(last[0]) == key(spec):
+            last.append(spec)
+        else:
+            groups.append([spec])
+    return groups
+
+
+def run_round_robin(group: list[dict[str, Any]], seed: int) -> list[dict[str, Any] | Exception]:
+    """Each spec of ``group`` ``repeat`` times, round-robin (bare, with, bare, with, ...:
+    a slow moment of the machine hits one run of each form, not every run of one);
+    per spec, :func:`mean_row` of its runs, or the error that stopped one."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in group]
+    failed: list[Exception | None] = [None] * len(group)
+    for _ in range(max(spec.get("repeat", 1) for spec in group)):
+        for i, spec in enumerate(group):
+            if failed[i] is None and len(runs[i]) < spec.get("repeat", 1):
+                try:
+                    runs[i].append(run_scenario(spec, seed))
+                except (JobError, OSError, KeyError, ValueError) as exc:
+                    failed[i] = exc
+    return [error if error else mean_row(rows) for error, rows in zip(failed, runs, strict=True)]
+
+
 def run_micro(
     specs: list[dict[str, Any]], seed: int, errors: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -233,16 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [],
     }
     print(f"{len(specs)} scenarios", flush=True)
-    for spec in specs:
-        try:
-            row = mean_row([run_scenario(spec, args.seed) for _ in range(spec.get("repeat", 1))])
-        except (JobError, OSError, KeyError, ValueError) as exc:
-            error = {**spec, "error": f"{type(exc).__name__}: {exc}"}
-            results["errors"].append(error)
-            print(f"  FAILED {spec['section']} {spec['workload']} {spec.get('form')}: {exc}")
-            continue
-        results["rows"].append(row)
-        print(_line(row), flush=True)
+    for group in compared(specs):
+        for spec, row in zip(group, run_round_robin(group, args.seed), strict=True):
+            if isinstance(row, Exception):
+                error = {**spec, "error": f"{type(row).__name__}: {row}"}
+                results["errors"].append(error)
+                print(f"  FAILED {spec['section']} {spec['workload']} {spec.get('form')}: {row}")
+                continue
+            results["rows"].append(row)
+            print(_line(row), flush=True)
     if "micro" in sections:
         results["micro"] = run_micro(micro_plan(z, transports, trio), args.seed, results["errors"])
     results["total_s"] = time.monotonic() - started
