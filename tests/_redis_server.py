@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["RedisServer", "redis_executable"]
+__all__ = ["HOLD_REDIS", "RedisServer", "redis_executable"]
 
 
 def redis_executable() -> str:
@@ -107,3 +107,13 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+#: A script that keeps Redis busy for ARGV[1] seconds: commands sent meanwhile wait, then run
+#: (a command's caller can then be cancelled while Redis still has it to run).
+HOLD_REDIS = """
+local t = redis.call('TIME')
+local start = t[1] + t[2] / 1e6
+repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - start > tonumber(ARGV[1])
+return 1
+"""

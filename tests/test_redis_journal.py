@@ -20,7 +20,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 import trio
-from _redis_server import RedisServer
+from _redis_server import HOLD_REDIS, RedisServer
 
 from novita_async import Journal, JournalError, JournalMismatchError, JournalRecord, TaskResult
 from novita_async._convert import task_result
@@ -208,15 +208,6 @@ async def test_a_second_live_run_is_refused(redis_url: str, redis_key: str) -> N
         await third.mark_submitting(0)
 
 
-#: A script that keeps Redis busy for ARGV[1] seconds: commands sent meanwhile wait, then run.
-_HOLD_REDIS = """
-local t = redis.call('TIME')
-local start = t[1] + t[2] / 1e6
-repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - start > tonumber(ARGV[1])
-return 1
-"""
-
-
 @pytest.mark.anyio
 async def test_an_open_cancelled_while_taking_the_lease_does_not_keep_it(
     redis_url: str, redis_key: str
@@ -229,7 +220,7 @@ async def test_an_open_cancelled_while_taking_the_lease_does_not_keep_it(
     try:
         await journal.records()  # connection open
         async with anyio.create_task_group() as tg:
-            tg.start_soon(other.eval, _HOLD_REDIS, 0, "0.5")  # type: ignore[arg-type]
+            tg.start_soon(other.eval, HOLD_REDIS, 0, "0.5")  # type: ignore[arg-type]
             await anyio.sleep(0.1)
             with anyio.move_on_after(0.1) as scope:
                 await journal.open()  # sent, answered only once Redis is free again

@@ -22,7 +22,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 import trio
-from _redis_server import RedisServer
+from _redis_server import HOLD_REDIS, RedisServer
 
 from novita_async.redis import RedisAdmission, RedisRateLimiter, RedisUnavailableError
 from novita_async.testing import NovitaEmulator
@@ -198,15 +198,6 @@ async def test_refunds_and_cancelled_waiters_give_capacity_back(
             lim.refund(type(a).__mro__[1](0.0, 1, 1))  # a plain Admission
 
 
-#: A script that keeps Redis busy for ARGV[1] seconds: commands sent meanwhile wait, then run.
-_HOLD_REDIS = """
-local t = redis.call('TIME')
-local start = t[1] + t[2] / 1e6
-repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - start > tonumber(ARGV[1])
-return 1
-"""
-
-
 @pytest.mark.anyio
 async def test_an_acquire_cancelled_while_its_reservation_is_in_flight_gives_it_back(
     redis_url: str, redis_key: str
@@ -219,7 +210,7 @@ async def test_an_acquire_cancelled_while_its_reservation_is_in_flight_gives_it_
         async with RedisRateLimiter(redis_url, 1, key=redis_key, window=30, margin=0) as lim:
             await lim.flush()  # script loaded, connection open
             async with anyio.create_task_group() as tg:
-                tg.start_soon(other.eval, _HOLD_REDIS, 0, "0.5")  # type: ignore[arg-type]
+                tg.start_soon(other.eval, HOLD_REDIS, 0, "0.5")  # type: ignore[arg-type]
                 await anyio.sleep(0.1)
                 with anyio.move_on_after(0.1) as scope:
                     await lim.acquire(1)  # sent, answered only once Redis is free again
