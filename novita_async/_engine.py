@@ -160,7 +160,8 @@ class Engine:
         self.source: Iterator[tuple[int, Any]] | None = enumerate(requests)
         self.queue: list[_Entry] = []  # replayed entries to send first
         self.waiting: dict[int, _Entry] = {}  # submitted, outcome unknown
-        self.sending: set[int] = set()  # taken by a worker, not submitted (nor an item) yet
+        #: Taken by a worker, not submitted nor an item yet: the scope a refusal cancels.
+        self.sending: dict[int, anyio.CancelScope] = {}
         self.undelivered: dict[int, str] = {}  # in the stream, with a task id
         self.send, self.receive = anyio.create_memory_object_stream[BatchItem](math.inf)
         self.state = BatchState.NEW
@@ -169,7 +170,6 @@ class Engine:
         self.done = anyio.Event()
         self.submitted = 0
         self.refusal: NovitaError | None = None  # the key or the API host is unusable
-        self.unsent: set[anyio.CancelScope] = set()  # submissions a refusal calls off
         self.reported = False  # the pending tasks were logged (at the stop, or when freed)
         self.thread = threading.get_ident()
 
@@ -379,11 +379,9 @@ class Engine:
                 await anyio.lowlevel.checkpoint()  # a long (or endless) input: let others run
                 continue
             entry.submitted_at = anyio.current_time()  # until the POST is sent
-            self.sending.add(entry.index)  # until it is submitted or an item
             # A refusal met by another worker calls this submission off unless its POST
             # is on the wire (shielded): it must not wait out its pacing, then be sent.
-            scope = anyio.CancelScope()
-            self.unsent.add(scope)
+            scope = self.sending[entry.index] = anyio.CancelScope()
             try:
                 with scope:
                     task_id, entry.submitted_at = await self.submitter.submit(
@@ -405,18 +403,16 @@ class Engine:
                 if isinstance(exc, (AuthenticationError, PermissionDeniedError)) or (
                     isinstance(exc, APIConnectionError) and not self.submitted
                 ):
-                    self.unsent.discard(scope)
+                    del self.sending[entry.index]
                     self._refuse(exc)
                 self._deliver(entry, error=exc)
                 continue
-            finally:
-                self.unsent.discard(scope)
             if scope.cancelled_caught:  # called off by a refusal before it was sent
                 assert self.refusal is not None
                 self._deliver(entry, error=self.refusal)
                 continue
             entry.task_id = task_id  # synchronously after the shielded POST: never lost
-            self.sending.discard(entry.index)
+            del self.sending[entry.index]
             self.waiting[entry.index] = entry
             self.submitted += 1
             tg.start_soon(self._wait, entry)
@@ -424,7 +420,7 @@ class Engine:
     def _refuse(self, exc: NovitaError) -> None:
         """The key or the API host is unusable: no submission is sent from now on."""
         self.refusal = exc
-        for scope in self.unsent:
+        for scope in self.sending.values():
             scope.cancel()
 
     async def _wait(self, entry: _Entry) -> None:
@@ -469,7 +465,7 @@ class Engine:
         replay: bool = False,
     ) -> None:
         self.waiting.pop(entry.index, None)
-        self.sending.discard(entry.index)
+        self.sending.pop(entry.index, None)
         task_id = task_id if task_id is not None else entry.task_id
         item = BatchItem(
             index=entry.index,
