@@ -88,10 +88,7 @@ class TaskHost:
                 for service in self._services:
                     await self._tg.start(service)
             except BaseException:  # (cancelled) while entering: leave the group, in this task
-                self.state = HostState.CLOSED
-                self._tg.cancel_scope.cancel()
-                self._tg = self._cm = None
-                await group.__aexit__(None, None, None)
+                await self.aclose()
                 raise
 
     async def _host(self, ready: anyio.Event) -> None:
