@@ -150,11 +150,7 @@ def _shown(url: httpx.URL) -> str:
 
 def _build(transport: Transport, url: httpx.URL) -> httpx.Request:
     headers = {"User-Agent": transport.user_agent, "Accept": "image/*, */*;q=0.5"}
-    timeout = transport.timeout_override  # AsyncNovita(timeout=...) with a user's http_client
-    if timeout is None:
-        request = transport.http.build_request("GET", url, headers=headers)
-    else:
-        request = transport.http.build_request("GET", url, headers=headers, timeout=timeout)
+    request = transport.client_request("GET", url, headers=headers)
     # The client may carry default headers of its own (a user's http_client):
     # whatever they are, credentials never go to the image host.
     for name in ("Authorization", "Proxy-Authorization", "Cookie"):

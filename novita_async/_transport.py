@@ -280,12 +280,6 @@ class Transport:
             self._http = self._owned_client(_default_transport(self.max_connections))
         return self._http
 
-    @property
-    def timeout_override(self) -> httpx.Timeout | None:
-        """The ``timeout`` given with a user's ``http_client``, for every request to any
-        host (:meth:`build`, image downloads); None: the httpx client's own applies."""
-        return self._timeout_override
-
     def _in_flight_cap(self) -> int:
         """Requests in flight at most: the pool's size; on httpx's own single pool (an owned
         client where the environment sets proxies), whose CPU cost per request grows with
@@ -368,6 +362,20 @@ class Transport:
             return httpx.Request(
                 method, url, headers=prepared, content=content, extensions=self._extensions
             )
+        return self.client_request(method, url, headers=headers, params=params, json_body=json_body)
+
+    def client_request(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        headers: Mapping[str, str],
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+    ) -> httpx.Request:
+        """A request built by the httpx client (its defaults merged in), with the
+        ``timeout`` given beside a user's ``http_client``, if any: API calls and image
+        downloads alike."""
         if self._timeout_override is not None:
             return self.http.build_request(
                 method,
