@@ -213,10 +213,29 @@ class Learner:
             offset = min(offset, soonest + self.latency_budget)
         return offset
 
-    def early(self) -> float | None:
+    def early(self, cost: float | None = None, *, scales: bool = False) -> float | None:
         """The 5 % quantile of the durations known (``None`` before any): the first
-        finishers, what a cold first poll goes by until the learner is warm."""
-        return self.raw.quantile(_GUARD_QUANTILE) if len(self.raw) else None
+        finishers, what a cold first poll goes by until the learner is warm.
+
+        For a task of ``cost``, at least the 5 % quantile of seconds per cost times
+        that cost; unless ``scales`` (durations seen to grow with cost), the cost is
+        capped at the largest one sampled, so that durations unrelated to cost do not
+        put a dear task's first poll late.
+        """
+        if not len(self.raw):
+            return None
+        early = self.raw.quantile(_GUARD_QUANTILE)
+        if cost is None or not self._pairs:
+            return early
+        if not scales:
+            cost = min(cost, max(c for c, _ in self._pairs))
+        scaled = self.per_cost.quantile(_GUARD_QUANTILE) * cost
+        line = _least_squares(self._pairs)
+        if line is not None:  # a fixed part: seconds per cost overstates dearer tasks
+            a, b = line
+            floor = min(s - a - b * c for c, s in self._pairs)
+            scaled = min(scaled, a + b * cost + floor)
+        return max(early, scaled)
 
     def wants_probe(self) -> bool:
         return self.eta_supported is not False and self.probes_out + len(self.raw) < self.warmup
@@ -266,22 +285,29 @@ class Learner:
         costs that vary, and then the residuals of every pair."""
         self._unfitted = 0
         pairs = self._pairs
-        n = len(pairs)
-        if n < self.warmup:
+        if len(pairs) < self.warmup:
             return
-        mean_c = sum(c for c, _ in pairs) / n
-        mean_s = sum(s for _, s in pairs) / n
-        var_c = sum((c - mean_c) ** 2 for c, _ in pairs)
-        if var_c <= (0.05 * mean_c) ** 2 * n:  # costs barely vary: no slope to learn
-            self._line = None
-            return
-        slope = sum((c - mean_c) * (s - mean_s) for c, s in pairs) / var_c
-        if slope < 0:
-            self._line = None
-            return
-        intercept = mean_s - slope * mean_c
-        self._line = (intercept, slope)
-        self._residuals.replace([s - intercept - slope * c for c, s in pairs])
+        self._line = _least_squares(pairs)
+        if self._line is not None:
+            intercept, slope = self._line
+            self._residuals.replace([s - intercept - slope * c for c, s in pairs])
+
+
+def _least_squares(pairs: deque[tuple[float, float]]) -> tuple[float, float] | None:
+    """(intercept, slope) of ``seconds = a + b * cost`` over (cost, seconds) pairs; ``None``
+    when costs barely vary (no slope to learn) or the slope is negative."""
+    n = len(pairs)
+    if n < 2:
+        return None
+    mean_c = sum(c for c, _ in pairs) / n
+    mean_s = sum(s for _, s in pairs) / n
+    var_c = sum((c - mean_c) ** 2 for c, _ in pairs)
+    if var_c <= (0.05 * mean_c) ** 2 * n:
+        return None
+    slope = sum((c - mean_c) * (s - mean_s) for c, s in pairs) / var_c
+    if slope < 0:
+        return None
+    return mean_s - slope * mean_c, slope
 
 
 class Peers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from typing import Literal
 
 import anyio
@@ -39,8 +40,10 @@ Plan = Literal["now", "probe", "probed", "cold", "learned", "webhook"]
 _WHOLE_ETAS = 5
 #: Within a burst past every sample, a task is polled at least every this fraction of its age.
 _BURST_PACE = 0.25
-#: Tasks running per probe from which a probe that others wait on is polled more often.
-_PROBE_FANOUT = 4
+#: Probes on each side (ended, running) before their costs can say durations grow with cost.
+_COHORT_SIDE = 3
+#: Ended probes cost less on average than running ones by this factor: durations grow with cost.
+_COST_GAP = 0.85
 #: Longest wait of a cold first poll for the probes' first duration (seconds).
 _COLD_HOLD = 60.0
 #: Errors that survived the transport's retries but say nothing about the task.
@@ -143,7 +146,8 @@ def _eta(result: TaskResult) -> float | None:
 class Outcome:
     """What an answer or an error means for a task: finished (``result`` or
     ``error``), or polled again at ``entry.next_at``; ``warmed``: cold first polls
-    can be re-planned (the learner has its first duration, or just got warm)."""
+    can be re-planned (the learner has its first duration, learnt one while cold, or
+    just got warm)."""
 
     result: TaskResult | None = None
     error: Exception | None = None
@@ -179,6 +183,8 @@ class Planner:
         #: The running tasks (no webhook), and durations held back.
         self.peers = Peers(limit=4 * policy.learning_window)
         self._probed = 0  # probes answered and still running
+        self._cohort: deque[Entry] = deque(maxlen=policy.warmup_samples)  # the last probes
+        self._scales: bool | None = None  # _cost_scales(), until a probe ends or starts
         self._fastest: float | None = None  # the shortest duration seen (held back or not)
         self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
 
@@ -200,6 +206,8 @@ class Planner:
             # nothing a first poll does not)
             learner.probes_out += 1
             self.stats.probes += 1
+            self._cohort.append(entry)
+            self._scales = None
             entry.plan, entry.next_at = "probe", submitted + self.policy.probe_delay
         else:
             entry.plan, entry.next_at = "cold", submitted + self.policy.first_poll_delay
@@ -245,7 +253,7 @@ class Planner:
         submitted = entry.submitted_at
         if submitted is None:
             return
-        early = self.learner.early()
+        early = self.learner.early(entry.cost, scales=self._cost_scales())
         if early is None:
             early = self._fastest
         if early is not None:
@@ -255,13 +263,20 @@ class Planner:
         else:
             entry.next_at = submitted + self.policy.first_poll_delay
 
-    def _watched(self, entry: Entry) -> bool:
-        """A probe that cold first polls wait for, ``_PROBE_FANOUT`` times as many tasks
-        running as probes: its end is polled for every ``latency_budget`` (its extra
-        polls are few beside the tasks it releases)."""
-        if entry.plan != "probed" or not self._holding():
-            return False
-        return len(self.peers) >= _PROBE_FANOUT * (self.learner.probes_out + self._probed)
+    def _cost_scales(self) -> bool:
+        """The probes say durations grow with cost: at least ``_COHORT_SIDE`` of them
+        ended and as many still run, and those that ended cost less on average by a
+        clear margin (``_COST_GAP``). The probes are the first tasks of a cold start,
+        submitted together and all followed to their end, so which of them ended
+        first is a fair test; the first finishers alone are not (cheap or not, they
+        are the fastest)."""
+        if self._scales is None:
+            ended = [e.cost for e in self._cohort if e.sampled and e.cost is not None]
+            running = [e.cost for e in self._cohort if e.live and not e.sampled and e.cost]
+            self._scales = min(len(ended), len(running)) >= _COHORT_SIDE and sum(ended) / len(
+                ended
+            ) < _COST_GAP * sum(running) / len(running)
+        return self._scales
 
     def _holding(self) -> bool:
         """Cold first polls wait for the probes: no eta, and probes still running."""
@@ -311,8 +326,6 @@ class Planner:
         else:  # no eta: what slower tasks took, a burst's pace, or back off
             delay = self._learned_delay(entry, now)
             budget = policy.latency_budget
-            if delay is None and budget is not None and self._watched(entry):
-                delay = budget  # many cold first polls wait for its end: see it soon
             if delay is None and budget is not None and self._censored(entry):
                 age = now - entry.listed if entry.listed is not None else 0.0
                 delay = max(2 * budget, _BURST_PACE * age)
@@ -377,8 +390,9 @@ class Planner:
 
     def forget(self, entry: Entry) -> bool:
         """``entry`` is no longer running here (finished or dropped). ``True`` when cold
-        first polls are to be re-planned: it released durations that warmed the learner,
-        or it was the last probe they waited for."""
+        first polls are to be re-planned: it released durations the learner took while
+        cold (or that warmed it), or it was the last probe they waited for."""
+        self._scales = None
         listed, entry.listed = entry.listed, None
         if listed is None:
             return False
@@ -442,15 +456,15 @@ class Planner:
     def _sample(self, entry: Entry, seconds: float, *, complete: bool = False) -> bool:
         """One duration of ``entry``, learnt now (``complete``: known before the task
         ended, from an eta) or once its older peers are done (:class:`Peers`). True when
-        cold first polls can be re-planned: the first duration seen, or the learner
-        just got warm."""
-        entry.sampled = True
+        cold first polls can be re-planned: the first duration seen, one learnt while
+        the learner is cold, or it just got warm."""
+        entry.sampled, self._scales = True, None
         if not 0 <= seconds <= MAX_SECONDS:
             return False
         first = self._fastest is None
         self._fastest = seconds if self._fastest is None else min(seconds, self._fastest)
         listed = entry.listed
-        if complete or listed is None:
+        if complete or listed is None or entry.plan in ("probe", "probed"):
             return self._learn(seconds, entry.cost) or first
         warmed = first
         for learnt, cost in self.peers.offer(listed, seconds, entry.cost):
@@ -458,14 +472,18 @@ class Planner:
         return warmed
 
     def _learn(self, seconds: float, cost: float | None) -> bool:
-        """Hand a duration to the learner; True when that made it warm."""
+        """Hand a duration to the learner; True when cold first polls are to be
+        re-planned: that made it warm, or it is still cold and now knows 1, 2, 4, 8 ...
+        durations (what they go by moved; at most a few re-plans per cold task)."""
         learner, stats = self.learner, self.stats
         warmed = learner.add(seconds, cost)
+        known = len(learner.raw)
+        replan = warmed or (not learner.warm and known & (known - 1) == 0)
         stats.duration_samples = len(learner.raw)
         stats.duration_p50 = learner.raw.quantile(0.5) if len(learner.raw) else None
         if len(learner.per_cost):
             stats.seconds_per_cost_p50 = learner.per_cost.quantile(0.5)
-        return warmed
+        return replan
 
     def delivered(self, entry: Entry, arrived: float) -> None:
         """A webhook delivery confirmed ``entry``'s end: learn how long deliveries take."""

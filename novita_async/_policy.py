@@ -44,8 +44,10 @@ class PollPolicy:
       tasks are *probed* ``probe_delay`` after submission (their ``eta`` is a
       sample) and the others wait ``first_poll_delay`` or, once some durations
       are known, ``latency_budget`` after their 5 % quantile; a server without
-      ``eta`` makes them wait for the probes' first duration (at most a minute;
-      probes of a large burst are then polled every ``latency_budget``).
+      ``eta`` makes them wait for the probes' first duration (at most a minute).
+      Once the probes that ended cost clearly less than those still running
+      (durations grow with cost), a cold first poll goes by what the first
+      finishers' costs predict at its own cost.
     * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
       a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
     * One tick polls every task due within ``tick_coalesce`` of it (so a poll

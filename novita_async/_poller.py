@@ -327,12 +327,14 @@ class PollScheduler:
     # ------------------------------------------------------------------ scheduling
 
     def _replan_cold(self) -> None:
-        """The learner has its first duration or just got warm, or the last probe that
-        cold first polls waited for ended: re-plan every cold first poll."""
+        """The learner has its first duration, learnt one while cold or just got warm,
+        or the last probe that cold first polls waited for ended: re-plan every cold
+        first poll (those that moved go back on the heap)."""
         for entry in self._entries.values():
             if entry.plan == "cold" and entry.sent == 0 and not entry.polling:
-                self._planner.replan(entry)
-                self._schedule(entry)
+                before = entry.next_at
+                if self._planner.replan(entry) != before:
+                    self._schedule(entry)
 
     def _next_due(self) -> float:
         heap = self._heap

@@ -1116,8 +1116,60 @@ def test_without_eta_a_cold_burst_waits_for_the_probes_first_end() -> None:
 
     early, polled, probes, polls = trio.run(main, clock=MockClock(autojump_threshold=0))
     assert polled == probes  # only the probes were polled before the first end
-    assert early <= 7 * probes  # at 0.25 s, then every 0.4 s (5 tasks per probe wait)
-    assert polls <= 2.6  # the probes' 8 polls each included
+    # at 0.25 s, then every 0.8 s like any task past what is known (they used to be
+    # polled every 0.4 s: 7 polls each by 2.9 s, 1.4 per task of a 100-prompt burst)
+    assert early <= 4 * probes
+    assert polls <= 2.0  # the probes' polls included
+
+
+def _cold_burst(n: int, duration: Any) -> tuple[float, float]:
+    """A cold burst of ``n`` prompts of 20-60 steps on a server without eta: (polls per
+    task, p95 of how late each task's end was seen)."""
+
+    rng = random.Random(3)
+    requests = [req(f"cold {i}", steps=rng.choice(range(20, 61, 5))) for i in range(n)]
+
+    async def main() -> tuple[float, float]:
+        emu = NovitaEmulator(durations=duration, clock=anyio.current_time, report_eta=False)
+        late = []
+        async with emu.client() as client, client.txt2img_many(requests) as run:
+            async for item in run:
+                assert item.ok
+                late.append(anyio.current_time() - emu.tasks[item.task_id].completed_at)
+        late.sort()
+        return emu.polls_total / n, late[int(0.95 * n)]
+
+    return trio.run(main, clock=MockClock(autojump_threshold=0))
+
+
+def _unit(body: Any) -> float:
+    """A number in [0, 1) drawn from the prompt (the same task, the same number)."""
+    return random.Random(body["request"]["prompt"]).random()
+
+
+def test_a_cold_burst_whose_durations_grow_with_cost_polls_dear_tasks_later() -> None:
+    """300 prompts, a fixed 0.9 s plus 33 ms a step (1.5-2.9 s), no eta: the probes that
+    ended first are the cheap ones, so once they show durations grow with cost a cold
+    first poll waits for what the first finishers' costs and seconds predict at the
+    task's cost (before: their seconds whatever the cost, re-planned only at the first
+    end and when warm: 2.17 polls per task, p95 0.51 s; now 1.39 and 0.43 s)."""
+
+    def duration(body: Any) -> float:
+        return (0.9 + body["request"]["steps"] / 30) * (0.95 + 0.1 * _unit(body))
+
+    polls, p95 = _cold_burst(300, duration)
+    assert polls <= 1.6
+    assert p95 <= 0.6
+
+
+def test_a_cold_burst_whose_durations_ignore_cost_is_not_polled_later_for_it() -> None:
+    """300 prompts of 20-60 steps whose durations are U(1, 3) s whatever the cost: the
+    probes show no link, so a dear task's cold first poll is not put later by the cheap
+    first finishers' seconds per cost (fewer polls from the re-plans as durations come,
+    and no later ends)."""
+    polls, p95 = _cold_burst(300, lambda body: 1.0 + 2.0 * _unit(body))
+    assert polls <= 2.15
+    assert p95 <= 0.85
 
 
 def test_concurrent_txt2img_calls_learn_durations_from_when_their_post_went() -> None:
