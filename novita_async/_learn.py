@@ -142,6 +142,9 @@ class Learner:
         self._residuals = Window(window, floor=-math.inf)
         self._line: tuple[float, float] | None = None  # (intercept, slope) of the affine fit
         self._unfitted = 0
+        #: What :meth:`early` fits to the pairs (line, its lowest residual, dearest cost),
+        #: until the next pair.
+        self._early_fit: tuple[tuple[float, float] | None, float, float] | None = None
         self._offsets: deque[float] = deque(maxlen=_CLOCK_SAMPLES)
         self.probes_out = 0
         self.eta_supported: bool | None = None
@@ -225,16 +228,19 @@ class Learner:
         if not len(self.raw):
             return None
         early = self.raw.quantile(_GUARD_QUANTILE)
-        if cost is None or not self._pairs:
+        pairs = self._pairs
+        if cost is None or not pairs:
             return early
+        if self._early_fit is None:  # once per pair learnt, not per cold task
+            line = _least_squares(pairs)
+            floor = 0.0 if line is None else min(s - line[0] - line[1] * c for c, s in pairs)
+            self._early_fit = (line, floor, max(c for c, _ in pairs))
+        line, floor, dearest = self._early_fit
         if not scales:
-            cost = min(cost, max(c for c, _ in self._pairs))
+            cost = min(cost, dearest)
         scaled = self.per_cost.quantile(_GUARD_QUANTILE) * cost
-        line = _least_squares(self._pairs)
         if line is not None:  # a fixed part: seconds per cost overstates dearer tasks
-            a, b = line
-            floor = min(s - a - b * c for c, s in self._pairs)
-            scaled = min(scaled, a + b * cost + floor)
+            scaled = min(scaled, line[0] + line[1] * cost + floor)
         return max(early, scaled)
 
     def wants_probe(self) -> bool:
@@ -275,6 +281,7 @@ class Learner:
         if cost is not None:
             self.per_cost.add(seconds / cost)
             self._pairs.append((cost, seconds))
+            self._early_fit = None
             self._unfitted += 1
             if self._unfitted >= (1 if len(self._pairs) < 64 else 8):
                 self._fit()

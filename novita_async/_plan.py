@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from statistics import fmean
 from typing import Literal
 
 import anyio
@@ -272,10 +273,11 @@ class Planner:
         are the fastest)."""
         if self._scales is None:
             ended = [e.cost for e in self._cohort if e.sampled and e.cost is not None]
-            running = [e.cost for e in self._cohort if e.live and not e.sampled and e.cost]
-            self._scales = min(len(ended), len(running)) >= _COHORT_SIDE and sum(ended) / len(
-                ended
-            ) < _COST_GAP * sum(running) / len(running)
+            running = [
+                e.cost for e in self._cohort if e.live and not e.sampled and e.cost is not None
+            ]
+            sides = min(len(ended), len(running)) >= _COHORT_SIDE
+            self._scales = sides and fmean(ended) < _COST_GAP * fmean(running)
         return self._scales
 
     def _holding(self) -> bool:
@@ -479,8 +481,8 @@ class Planner:
         warmed = learner.add(seconds, cost)
         known = len(learner.raw)
         replan = warmed or (not learner.warm and known & (known - 1) == 0)
-        stats.duration_samples = len(learner.raw)
-        stats.duration_p50 = learner.raw.quantile(0.5) if len(learner.raw) else None
+        stats.duration_samples = known
+        stats.duration_p50 = learner.raw.quantile(0.5) if known else None
         if len(learner.per_cost):
             stats.seconds_per_cost_p50 = learner.per_cost.quantile(0.5)
         return replan
