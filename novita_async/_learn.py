@@ -142,9 +142,9 @@ class Learner:
         self._residuals = Window(window, floor=-math.inf)
         self._line: tuple[float, float] | None = None  # (intercept, slope) of the affine fit
         self._unfitted = 0
-        #: What :meth:`early` fits to the pairs (line, its lowest residual, dearest cost),
-        #: until the next pair.
-        self._early_fit: tuple[tuple[float, float] | None, float, float] | None = None
+        #: What :meth:`early` fits to the pairs (line, its lowest and highest residual,
+        #: dearest cost), until the next pair.
+        self._early_fit: tuple[tuple[float, float] | None, float, float, float] | None = None
         self._offsets: deque[float] = deque(maxlen=_CLOCK_SAMPLES)
         self.probes_out = 0
         self.eta_supported: bool | None = None
@@ -221,9 +221,16 @@ class Learner:
         finishers, what a cold first poll goes by until the learner is warm.
 
         For a task of ``cost``, at least the 5 % quantile of seconds per cost times
-        that cost; unless ``scales`` (durations seen to grow with cost), the cost is
-        capped at the largest one sampled, so that durations unrelated to cost do not
-        put a dear task's first poll late.
+        that cost, or the first finishers' line at that cost plus their smallest
+        residual if lower (a fixed part makes seconds per cost overstate dear
+        tasks). Unless ``scales`` (durations seen to grow with cost), the cost is
+        capped at the largest one sampled: durations unrelated to cost must not put
+        a dear task's first poll late. With ``scales`` and a line: the line at the
+        task's cost plus the first finishers' *largest* residual. They are the
+        fastest k of their cohort, so that is about the k/n quantile of what the
+        line leaves unexplained, where the smallest is only the fastest task's
+        (with a fixed part that varies from task to task, most first polls came
+        before the task's end).
         """
         if not len(self.raw):
             return None
@@ -233,14 +240,15 @@ class Learner:
             return early
         if self._early_fit is None:  # once per pair learnt, not per cold task
             line = _least_squares(pairs)
-            floor = 0.0 if line is None else min(s - line[0] - line[1] * c for c, s in pairs)
-            self._early_fit = (line, floor, max(c for c, _ in pairs))
-        line, floor, dearest = self._early_fit
-        if not scales:
-            cost = min(cost, dearest)
+            residuals = [0.0] if line is None else [s - line[0] - line[1] * c for c, s in pairs]
+            self._early_fit = (line, min(residuals), max(residuals), max(c for c, _ in pairs))
+        line, lowest, highest, dearest = self._early_fit
+        if scales and line is not None:
+            return max(early, line[0] + line[1] * cost + highest)
+        cost = cost if scales else min(cost, dearest)
         scaled = self.per_cost.quantile(_GUARD_QUANTILE) * cost
-        if line is not None:  # a fixed part: seconds per cost overstates dearer tasks
-            scaled = min(scaled, line[0] + line[1] * cost + floor)
+        if line is not None:
+            scaled = min(scaled, line[0] + line[1] * cost + lowest)
         return max(early, scaled)
 
     def wants_probe(self) -> bool:
@@ -324,8 +332,10 @@ class Peers:
     A burst's first durations are its fastest tasks': learnt as they come, they
     would make every task still running look slower than all of them (the
     samples are censored). So a duration is learnt once at most ``2 %`` of the
-    running tasks (at least one) were submitted before it: what is learnt is
-    whole cohorts, whatever order their tasks finished in. At most ``limit``
+    running tasks (at least one) were submitted before it or at the same instant
+    (a coarse clock gives a burst's tasks one timestamp: Windows' before Python
+    3.13 ticks every 15.6 ms): what is learnt is whole cohorts, whatever order
+    their tasks finished in. At most ``limit``
     durations are held (older tasks stuck for good must not stop all learning):
     past that, the oldest is learnt.
     """
@@ -355,8 +365,9 @@ class Peers:
         self, submitted: float, seconds: float, cost: float | None
     ) -> list[tuple[float, float | None]]:
         """A finished task's duration: the (seconds, cost) to learn now (it, unless too
-        many older tasks still run; or the oldest held, past ``limit``)."""
-        if bisect.bisect_left(self._running, submitted) <= self._allowance():
+        many older tasks still run; or the oldest held, past ``limit``). Its own task,
+        still running, does not count."""
+        if bisect.bisect_right(self._running, submitted) - 1 <= self._allowance():
             return [(seconds, cost)]
         held = self._held
         heapq.heappush(held, (submitted, seconds, cost))
@@ -372,7 +383,7 @@ class Peers:
         if i < len(running) and running[i] == submitted:
             del running[i]
         held, released = self._held, []
-        while held and bisect.bisect_left(running, held[0][0]) <= self._allowance():
+        while held and bisect.bisect_right(running, held[0][0]) <= self._allowance():
             _, seconds, cost = heapq.heappop(held)
             released.append((seconds, cost))
         return released

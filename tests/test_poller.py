@@ -1409,6 +1409,13 @@ def test_a_cold_learner_scales_the_first_finishers_by_cost_only_when_told() -> N
         fixed.add(0.9 + cost / 30, cost)  # a fixed 0.9 s: seconds per cost falls with cost
     # seconds per cost would say 9.3 s at cost 200; the line says 7.57 s
     assert fixed.early(200.0, scales=True) == pytest.approx(0.9 + 200 / 30)
+    varied = Learner(window=256, warmup=20, quantile=0.9, latency_budget=0.4)
+    for cost, residual in ((20.0, 0.1), (30.0, -0.2), (40.0, 0.1)):  # the line: 0.9 + c / 30
+        varied.add(0.9 + cost / 30 + residual, cost)
+    # durations grow with cost: the line plus the largest residual (the k-th fastest of
+    # the cohort), not the smallest (the fastest task's alone)
+    assert varied.early(35.0, scales=True) == pytest.approx(0.9 + 35 / 30 + 0.1)
+    assert varied.early(35.0) <= 0.9 + 35 / 30 - 0.2 + 1e-9
 
 
 def test_past_every_sample_a_task_with_many_peers_as_old_is_polled_steadily() -> None:
@@ -1460,31 +1467,60 @@ def test_a_duration_is_learnt_once_its_older_peers_are_done() -> None:
     """A burst's fastest tasks finish first: their durations wait until (nearly) every
     task submitted before theirs has finished, so what is learnt is whole cohorts. One
     straggler (up to 2 % of the running tasks) holds nothing back, and past its limit
-    the oldest held duration is learnt (stuck tasks must not stop all learning)."""
+    the oldest held duration is learnt (stuck tasks must not stop all learning). As the
+    planner does, each task is offered its duration, then discarded (it stopped)."""
     from novita_async._learn import Peers
 
     peers = Peers(limit=3)
     for submitted in range(100):
         peers.add(float(submitted))
     assert peers.as_old(9.0) == 10
-    assert peers.offer(1.0, 1.5, None) == [(1.5, None)]  # one older task runs: learnt now
-    assert peers.offer(2.0, 1.6, None) == [(1.6, None)]  # two: within 2 % of 100
-    assert peers.offer(50.0, 0.5, 2.0) == []  # 50 older tasks run: held back
-    assert peers.offer(30.0, 0.7, None) == []
-    assert peers.offer(60.0, 0.4, None) == []
-    assert peers.offer(70.0, 0.3, None) == [(0.7, None)]  # a fourth: the oldest is learnt
-    assert peers.offer(61.0, 0.2, None) == [(0.5, 2.0)]
+
+    def ended(submitted: float, seconds: float, cost: float | None = None) -> list[Any]:
+        learnt = peers.offer(submitted, seconds, cost)
+        return learnt + peers.discard(submitted)
+
+    assert ended(1.0, 1.5) == [(1.5, None)]  # one older task runs (of 2 % of 100): learnt now
+    assert ended(2.0, 1.6) == [(1.6, None)]  # one (task 0) of 99 still: learnt now
+    assert ended(50.0, 0.5, 2.0) == []  # 48 older tasks run: held back
+    assert ended(30.0, 0.7) == []
+    assert ended(60.0, 0.4) == []
+    assert ended(70.0, 0.3) == [(0.7, None)]  # a fourth: the oldest is learnt
+    assert ended(61.0, 0.2) == [(0.5, 2.0)]
     assert peers.held == 3  # tasks 60, 61 and 70
     released = []
     for submitted in range(58):
         released += peers.discard(float(submitted))
     assert released == []  # task 60 still has two older peers running (58 and 59)
-    released += peers.discard(58.0)  # one straggler holds nothing back
-    assert released == [(0.4, None)]
-    released += peers.discard(59.0)
+    released += peers.discard(58.0)  # one straggler holds nothing back: 60, then 61
     assert released == [(0.4, None), (0.2, None)]
-    assert peers.held == 1  # task 70: 60 to 69 still run
-    assert len(peers) == 40
+    assert peers.discard(59.0) == []
+    assert peers.held == 1  # task 70: 62 to 69 still run
+    assert len(peers) == 37
+
+
+def test_tasks_submitted_at_one_instant_are_each_others_peers() -> None:
+    """A coarse clock (Windows' before Python 3.13: 15.6 ms; trio's MockClock) gives a
+    burst's tasks one timestamp: the first of them to finish are still its fastest, held
+    until (nearly) all of that instant have finished (before, none of them counted as
+    older than another: every first finisher was learnt at once, and the tasks still
+    running looked slower than all of them)."""
+    from novita_async._learn import Peers
+
+    peers = Peers(limit=100)
+    for _ in range(50):
+        peers.add(5.0)
+    peers.add(6.0)
+    assert peers.offer(5.0, 1.0, None) == []  # 49 others of its instant still run
+    released = peers.discard(5.0)
+    assert peers.offer(6.0, 0.9, None) == []  # 49 older ones run
+    released += peers.discard(6.0)
+    for _ in range(47):
+        released += peers.discard(5.0)
+    assert released == []  # two of the instant still run
+    assert peers.held == 2
+    assert peers.discard(5.0) == [(1.0, None), (0.9, None)]  # one straggler holds nothing back
+    assert len(peers) == 1
 
 
 def test_cold_first_polls_wait_for_stuck_probes_at_most_a_minute() -> None:
