@@ -335,9 +335,8 @@ class Peers:
     running tasks (at least one) were submitted before it or at the same instant
     (a coarse clock gives a burst's tasks one timestamp: Windows' before Python
     3.13 ticks every 15.6 ms): what is learnt is whole cohorts, whatever order
-    their tasks finished in. At most ``limit``
-    durations are held (older tasks stuck for good must not stop all learning):
-    past that, the oldest is learnt.
+    their tasks finished in. At most ``limit`` durations are held (older tasks
+    stuck for good must not stop all learning): past that, the oldest is learnt.
     """
 
     __slots__ = ("_held", "_limit", "_running")

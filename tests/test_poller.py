@@ -1480,7 +1480,7 @@ def test_a_duration_is_learnt_once_its_older_peers_are_done() -> None:
         learnt = peers.offer(submitted, seconds, cost)
         return learnt + peers.discard(submitted)
 
-    assert ended(1.0, 1.5) == [(1.5, None)]  # one older task runs (of 2 % of 100): learnt now
+    assert ended(1.0, 1.5) == [(1.5, None)]  # one older task runs (2 % of 100): learnt now
     assert ended(2.0, 1.6) == [(1.6, None)]  # one (task 0) of 99 still: learnt now
     assert ended(50.0, 0.5, 2.0) == []  # 48 older tasks run: held back
     assert ended(30.0, 0.7) == []
