@@ -31,7 +31,7 @@ TIMEOUT_BASE = 90.0
 LOOPS = ("loop-0.25", "loop-0.5", "loop-1", "loop-2")
 #: Runs of each cold bare / ``async with`` cell; the table shows their mean.
 FORM_REPEATS = 3
-#: Rounds of the transport micro-benchmark (the median is the cost basis).
+#: Rounds of the transport micro-benchmark, spread over the run (the median is the cost basis).
 MICRO_ROUNDS = 3
 
 

@@ -319,8 +319,9 @@ def _transport_tables(results: dict[str, Any]) -> list[str]:
         "Client CPU per task-result GET, N coroutines looping GETs through ONE pool of 64 "
         f"connections for {results['sizes']['micro_seconds']:g} s. 16 is the library's default "
         "cap on polls in flight; above 64 the rest wait in the pool. Where it was measured "
-        "more than once (rounds taken in turn), the round with the median CPU, and the "
-        "range of all rounds in brackets.",
+        "more than once (rounds at the start, middle and end of the run, so that the cost "
+        "basis below sees the machine the scenarios saw), the round with the median CPU, and "
+        "the range of all rounds in brackets.",
         "",
         "| in flight | backend | transport | requests/s | client CPU µs/request | "
         "latency p50 / p95 (ms) |",

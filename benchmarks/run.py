@@ -134,7 +134,7 @@ def run_round_robin(group: list[dict[str, Any]], seed: int) -> list[dict[str, An
     per spec, :func:`mean_row` of its runs, or the error that stopped one."""
     runs: list[list[dict[str, Any]]] = [[] for _ in group]
     failed: list[Exception | None] = [None] * len(group)
-    for _ in range(max(spec.get("repeat", 1) for spec in group)):
+    for _ in range(max((spec.get("repeat", 1) for spec in group), default=0)):
         for i, spec in enumerate(group):
             if failed[i] is None and len(runs[i]) < spec.get("repeat", 1):
                 try:
@@ -144,38 +144,53 @@ def run_round_robin(group: list[dict[str, Any]], seed: int) -> list[dict[str, An
     return [error if error else mean_row(rows) for error, rows in zip(failed, runs, strict=True)]
 
 
-def run_micro(
-    specs: list[dict[str, Any]], seed: int, errors: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Every spec ``MICRO_ROUNDS`` times, round-robin (a busy moment of the machine hits
-    one round of each, not every round of one); per spec, the round with the median
-    CPU per request, with every round's kept in ``cpu_us_runs``."""
-    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
+def run_micro_round(
+    specs: list[dict[str, Any]],
+    seed: int,
+    errors: list[dict[str, Any]],
+    runs: list[list[dict[str, Any]]],
+) -> None:
+    """One round of every micro spec, each result appended to its ``runs`` list. The
+    rounds are spread over the whole run (:func:`micro_at`): the cost basis of the
+    ``÷ requests x cost`` cells sees the machine the scenarios saw, not only its state at
+    the end (two full runs on one machine had it 20 % apart)."""
     with emulator("never", seed) as emu:
         marks: list[float] = []
 
         def mark() -> None:
             marks.append(emu.cpu())
 
-        for _ in range(MICRO_ROUNDS):
-            for i, spec in enumerate(specs):
-                job = {**spec, "base_url": emu.base_url}
-                try:
-                    result = run_worker(job, timeout_for(spec), mark)
-                except JobError as exc:
-                    print(f"  micro {spec['transport']} {spec['backend']} FAILED: {exc}")
-                    errors.append({**spec, "error": str(exc)})
-                    continue
-                server_cpu = emu.cpu() - marks[-1]
-                result["server_cpu_us_per_request"] = server_cpu / result["requests"] * 1e6
-                runs[i].append(result)
-                rate, cpu = result["requests_per_s"], result["cpu_us_per_request"]
-                print(
-                    f"  micro {result['transport']:>13} {result['backend']:<7} "
-                    f"x{result['concurrency']:<4} "
-                    f"{rate:6.0f} req/s {cpu:6.0f} us CPU/req",
-                    flush=True,
-                )
+        for i, spec in enumerate(specs):
+            job = {**spec, "base_url": emu.base_url}
+            try:
+                result = run_worker(job, timeout_for(spec), mark)
+            except JobError as exc:
+                print(f"  micro {spec['transport']} {spec['backend']} FAILED: {exc}")
+                errors.append({**spec, "error": str(exc)})
+                continue
+            server_cpu = emu.cpu() - marks[-1]
+            result["server_cpu_us_per_request"] = server_cpu / result["requests"] * 1e6
+            runs[i].append(result)
+            rate, cpu = result["requests_per_s"], result["cpu_us_per_request"]
+            print(
+                f"  micro {result['transport']:>13} {result['backend']:<7} "
+                f"x{result['concurrency']:<4} "
+                f"{rate:6.0f} req/s {cpu:6.0f} us CPU/req",
+                flush=True,
+            )
+
+
+def micro_at(groups: int) -> list[int]:
+    """Before which scenario group each micro round runs (``groups``: after the last):
+    the start, the end and evenly between."""
+    if MICRO_ROUNDS == 1:
+        return [groups]
+    return [round(k * groups / (MICRO_ROUNDS - 1)) for k in range(MICRO_ROUNDS)]
+
+
+def micro_medians(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per spec, the round with the median CPU per request, with every round's kept in
+    ``cpu_us_runs``."""
     out = []
     for done in runs:
         if done:
@@ -269,7 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [],
     }
     print(f"{len(specs)} scenarios", flush=True)
-    for group in compared(specs):
+    groups = list(compared(specs))
+    micro = micro_plan(z, transports, trio) if "micro" in sections else []
+    micro_runs: list[list[dict[str, Any]]] = [[] for _ in micro]
+    rounds = micro_at(len(groups)) if micro else []
+    for at in range(len(groups) + 1):
+        for _ in range(rounds.count(at)):
+            run_micro_round(micro, args.seed, results["errors"], micro_runs)
+        group = groups[at] if at < len(groups) else []
         for spec, row in zip(group, run_round_robin(group, args.seed), strict=True):
             if isinstance(row, Exception):
                 error = {**spec, "error": f"{type(row).__name__}: {row}"}
@@ -278,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results["rows"].append(row)
             print(_line(row), flush=True)
-    if "micro" in sections:
-        results["micro"] = run_micro(micro_plan(z, transports, trio), args.seed, results["errors"])
+    results["micro"] = micro_medians(micro_runs)
     results["total_s"] = time.monotonic() - started
     args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     publish(results, args)
