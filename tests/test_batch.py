@@ -1122,9 +1122,10 @@ def test_without_eta_a_cold_burst_waits_for_the_probes_first_end() -> None:
     assert polls <= 2.0  # the probes' polls included
 
 
-def _cold_burst(n: int, duration: Any) -> tuple[float, float]:
+def _cold_burst(n: int, duration: Any, known: list[int] | None = None) -> tuple[float, float]:
     """A cold burst of ``n`` prompts of 20-60 steps on a server without eta: (polls per
-    task, p95 of how late each task's end was seen)."""
+    task, p95 of how late each task's end was seen); ``known`` gets the durations the
+    client had learnt at each delivery."""
 
     rng = random.Random(3)
     requests = [req(f"cold {i}", steps=rng.choice(range(20, 61, 5))) for i in range(n)]
@@ -1136,6 +1137,8 @@ def _cold_burst(n: int, duration: Any) -> tuple[float, float]:
             async for item in run:
                 assert item.ok
                 late.append(anyio.current_time() - emu.tasks[item.task_id].completed_at)
+                if known is not None:
+                    known.append(client.scheduler.stats.duration_samples)
         late.sort()
         return emu.polls_total / n, late[int(0.95 * n)]
 
@@ -1185,23 +1188,8 @@ def test_a_burst_stamped_with_one_instant_learns_durations_as_whole_cohorts() ->
     for the cohort (before, no task of the instant counted as older than another: 113
     durations were learnt by the 100th delivery, and the tasks still running looked
     slower than all of them)."""
-    rng = random.Random(3)
-    requests = [req(f"cold {i}", steps=rng.choice(range(20, 61, 5))) for i in range(300)]
-
-    async def main() -> list[int]:
-        emu = NovitaEmulator(
-            durations=lambda body: 1.0 + 2.0 * _unit(body),
-            clock=anyio.current_time,
-            report_eta=False,
-        )
-        known = []
-        async with emu.client() as client, client.txt2img_many(requests) as run:
-            async for item in run:
-                assert item.ok
-                known.append(client.scheduler.stats.duration_samples)
-        return known
-
-    known = trio.run(main, clock=MockClock(autojump_threshold=0))
+    known: list[int] = []
+    _cold_burst(300, lambda body: 1.0 + 2.0 * _unit(body), known)
     assert max(known[:100]) <= PollPolicy().warmup_samples  # the probes' alone
     assert known[-1] == PollPolicy().learning_window  # then the whole cohort
 
