@@ -33,8 +33,10 @@ class CountingTransport(httpx.AsyncBaseTransport):
     for every scenario.
     """
 
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+    def __init__(self, inner: httpx.AsyncBaseTransport, *, limit: int | None = None) -> None:
         self.inner = inner
+        self.limit = limit  # requests in flight at most (None: the pool's own bound)
+        self._limiter: Any = None  # made on first use, inside the event loop
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -44,6 +46,16 @@ class CountingTransport(httpx.AsyncBaseTransport):
         self.max_in_flight = self.in_flight
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.limit is None:
+            return await self._counted(request)
+        if self._limiter is None:
+            import anyio
+
+            self._limiter = anyio.CapacityLimiter(self.limit)
+        async with self._limiter:
+            return await self._counted(request)
+
+    async def _counted(self, request: httpx.Request) -> httpx.Response:
         self.requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -57,11 +69,18 @@ class CountingTransport(httpx.AsyncBaseTransport):
 
 
 def make_transport(kind: str, *, max_connections: int | None = POOL_SIZE) -> CountingTransport:
-    """``httpx``: httpcore's pool (what httpx.AsyncClient builds); ``aiohttp``: httpx-aiohttp.
+    """``httpx``: httpcore's pool (what httpx.AsyncClient builds); ``aiohttp``: httpx-aiohttp;
+    ``shards``: the library's default on trio (``ShardedPool`` of ``POOL_SIZE`` connections,
+    at most that many requests in flight, so that none queues inside a shard, as in the
+    library).
 
     ``max_connections=None`` means httpx's own defaults (100 connections, 20 kept
     alive) -- what a plain ``httpx.AsyncClient()`` uses.
     """
+    if kind == "shards":
+        from novita_async._pool import ShardedPool
+
+        return CountingTransport(ShardedPool(max_connections=POOL_SIZE), limit=POOL_SIZE)
     limits = (
         httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if max_connections is not None

@@ -7,6 +7,9 @@
 * ``loop-<interval>``: the same loop with another fixed interval, on the
   httpx-aiohttp transport (so the strategy, not httpcore's pool, sets its
   latency): the fixed-interval points of the trade-off curve.
+* ``trio-loop-1``: the 1 s loop on trio, on the library's default trio transport
+  (httpx's pool in shards, at most 64 requests in flight as in the library): what
+  a request costs on trio on each workload, nothing but the transport and JSON.
 
 A loop that has not delivered everything ``deadline`` seconds into the measured
 batch (httpcore's pool can collapse under 1000 requests in flight on 2 busy
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import httpx
 from _harness import EMULATOR_KEY, Meter, make_transport
 
@@ -30,7 +35,10 @@ TERMINAL = frozenset({"TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"})
 async def run_loop(
     job: dict[str, Any], deliveries: dict[str, float], *, interval: float, transport_kind: str
 ) -> dict[str, Any]:
-    """POST every request (waves ``pause`` s apart), then poll each every ``interval`` s."""
+    """POST every request (waves ``pause`` s apart), then poll each every ``interval`` s
+    (on the job's backend: asyncio gathers the tasks, trio runs them in a task group)."""
+    trio = job.get("backend") == "trio"
+    sleep: Callable[[float], Awaitable[Any]] = anyio.sleep if trio else asyncio.sleep
     transport = make_transport(transport_kind, max_connections=None)
     headers = {"Authorization": f"Bearer {EMULATOR_KEY}"}
     requests, warmup = job["requests"], job.get("warmup") or []
@@ -44,7 +52,7 @@ async def run_loop(
         async def one(request: dict[str, Any], stamps: dict[str, float], delay: float) -> None:
             nonlocal failures
             if delay:
-                await asyncio.sleep(delay)
+                await sleep(delay)
             response = await http.post("/v3/async/txt2img", json={"request": request})
             response.raise_for_status()
             task_id = response.json()["task_id"]
@@ -56,23 +64,27 @@ async def run_loop(
                     stamps[task_id] = time.monotonic()
                     failures += status != "TASK_STATUS_SUCCEED"
                     return
-                await asyncio.sleep(interval)
+                await sleep(interval)
 
         warm: dict[str, float] = {}
         if warmup:  # same as the library's warm-up: one unmeasured batch first
-            await asyncio.gather(*(one(r, warm, 0.0) for r in warmup))
+            if trio:
+                await _all_trio([one(r, warm, 0.0) for r in warmup], None)
+            else:
+                await asyncio.gather(*(one(r, warm, 0.0) for r in warmup))
             transport.reset()
             failures = 0
         meter = Meter()
         with meter:
-            batch = asyncio.gather(
-                *(one(r, deliveries, (i // size) * pause) for i, r in enumerate(requests)),
-                return_exceptions=True,
-            )
-            try:
-                outcomes = await asyncio.wait_for(batch, job["deadline"])
-            except asyncio.TimeoutError:
-                outcomes = []
+            batch = [one(r, deliveries, (i // size) * pause) for i, r in enumerate(requests)]
+            if trio:
+                outcomes = await _all_trio(batch, job["deadline"])
+            else:
+                gathered = asyncio.gather(*batch, return_exceptions=True)
+                try:
+                    outcomes = await asyncio.wait_for(gathered, job["deadline"])
+                except asyncio.TimeoutError:
+                    outcomes = []
             errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
     return {
         "failures": failures,
@@ -82,3 +94,21 @@ async def run_loop(
         "transport": f"{transport_kind} (counted)",
         **meter.as_dict(),
     }
+
+
+async def _all_trio(coros: list[Awaitable[None]], deadline: float | None) -> list[Any]:
+    """Run ``coros`` in one task group: their outcomes (an exception or None), or ``[]``
+    if ``deadline`` seconds passed first (the rest are cancelled)."""
+    outcomes: list[Any] = [None] * len(coros)
+
+    async def one(i: int, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            outcomes[i] = exc
+
+    with anyio.move_on_after(deadline if deadline is not None else float("inf")) as scope:
+        async with anyio.create_task_group() as tg:
+            for i, coro in enumerate(coros):
+                tg.start_soon(one, i, coro)
+    return [] if scope.cancelled_caught else outcomes

@@ -98,6 +98,9 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
     if "forms" in sections:  # trio; the asyncio side comes from "workloads"
         for w in FORM_WORKLOADS:
             out += [_spec("forms", w, z.main, form=f, backend="trio", **_repeat(f)) for f in forms]
+            if w != "uniform-eta":  # what a request costs on trio on this workload
+                trio_loop = {"kind": "loop", "client": "trio-loop-1", "backend": "trio"}
+                out.append(_spec("forms", w, z.main, **trio_loop))
     if "scale" in sections:
         for n in z.scale:
             for backend in ("asyncio", "trio"):

@@ -25,6 +25,7 @@ CLIENTS = {
     "loop-0.5": "fixed 0.5 s loop (httpx-aiohttp)",
     "loop-1": "fixed 1 s loop (httpx-aiohttp)",
     "loop-2": "fixed 2 s loop (httpx-aiohttp)",
+    "trio-loop-1": "fixed 1 s loop (trio, httpx-shards)",
 }
 
 
@@ -34,6 +35,8 @@ def loop_params(client: str) -> tuple[float, str]:
         return 1.0, "httpx"
     if client.startswith("loop-"):
         return float(client.removeprefix("loop-")), "aiohttp"
+    if client == "trio-loop-1":
+        return 1.0, "shards"
     raise ValueError(f"unknown baseline {client!r}")
 
 
@@ -64,7 +67,18 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         interval, transport = loop_params(job["client"])
         if transport == "aiohttp":
             importlib.import_module("httpx_aiohttp")
-        extra = asyncio.run(run_loop(job, deliveries, interval=interval, transport_kind=transport))
+        if job.get("backend") == "trio":
+            import anyio
+
+            importlib.import_module("novita_async._pool")
+            extra = anyio.run(
+                lambda: run_loop(job, deliveries, interval=interval, transport_kind=transport),
+                backend="trio",
+            )
+        else:
+            extra = asyncio.run(
+                run_loop(job, deliveries, interval=interval, transport_kind=transport)
+            )
     elif kind in ("library", "webhooks"):
         import anyio
 

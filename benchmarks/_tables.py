@@ -115,7 +115,7 @@ def baseline_cpu(
     out = {
         r["workload"]: r["client_cpu_ms_per_task"] / (1 + r["polls_per_task"] if per_request else 1)
         for r in rows
-        if r["section"] == "workloads" and r["client"] == client and r["failures"] == 0
+        if r["section"] in ("workloads", "forms") and r["client"] == client and r["failures"] == 0
     }
     if "uniform" in out:
         out["uniform-eta"] = out["uniform"]  # the loops ignore eta
@@ -136,6 +136,8 @@ def _label(r: dict[str, Any]) -> str:
 
 def _workloads_table(rows: list[dict[str, Any]]) -> list[str]:
     sel = [r for r in rows if r["section"] == "workloads"]
+    sel += [r for r in rows if r["section"] == "forms" and r["client"] != "novita"]
+    sel.sort(key=lambda r: list(WORKLOADS).index(r["workload"]))  # stable: run order within
     naive, loop = baseline_cpu(rows, "naive"), baseline_cpu(rows, "loop-1")
     out = [
         "### Workloads: the library (`async with`) against the hand-written loops",
@@ -352,7 +354,10 @@ def _transport_tables(results: dict[str, Any]) -> list[str]:
         and r["form"] != "single"
     ]
     naive, loop = baseline_cpu(results["rows"], "naive"), baseline_cpu(results["rows"], "loop-1")
-    in_situ = baseline_cpu(results["rows"], "loop-1", per_request=True)
+    in_situ = {  # backend -> workload -> ms per request of the 1 s loop on the default transport
+        "asyncio": baseline_cpu(results["rows"], "loop-1", per_request=True),
+        "trio": baseline_cpu(results["rows"], "trio-loop-1", per_request=True),
+    }
     out += [
         "",
         "Library CPU per task against what its requests cost on its default transport "
@@ -361,27 +366,34 @@ def _transport_tables(results: dict[str, Any]) -> list[str]:
         "cold, both forms (÷ naive: only where the hand-written httpx loop delivered every "
         "prompt; ÷ 1 s loop: the same loop on httpx-aiohttp). *÷ in situ*: the same, with "
         "the cost per request the 1 s loop paid on the same workload in this run (its CPU "
-        "÷ its requests: nothing but the transport and JSON), on asyncio, where the loop "
-        "uses the library's default transport.",
+        "÷ its requests: nothing but the transport and JSON), on the library's default "
+        "transport: asyncio's `fixed 1 s loop (httpx-aiohttp)`, trio's `fixed 1 s loop "
+        "(trio, httpx-shards)` (at most 64 requests in flight, as in the library). *1 s loop "
+        "÷ requests x cost*: what the same metric gives that loop, a client with no library "
+        "code (its CPU ÷ (its requests x the micro-benchmark's cost)).",
         "",
         "| workload | backend | form | requests/task | default transport | µs/request | "
         "requests x cost (ms) | library CPU ms/task | ÷ requests x cost | ÷ in situ | "
-        "÷ naive | ÷ 1 s loop |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "1 s loop ÷ requests x cost | ÷ naive | ÷ 1 s loop |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in lib:
         key = _transport_key(r.get("transport"))
         per = cost.get((r["backend"], key)) if key else None
         budget = r["requests_per_task"] * per / 1e3 if per else None
         cpu = r["client_cpu_ms_per_task"]
-        situ = None
-        if r["backend"] == "asyncio" and key == "httpx-aiohttp" and r["workload"] in in_situ:
-            situ = r["requests_per_task"] * in_situ[r["workload"]]
+        situ = floor = None
+        defaults = {"asyncio": "httpx-aiohttp", "trio": "httpx-shards"}
+        backend_situ = in_situ.get(r["backend"], {})
+        if key == defaults.get(r["backend"]) and r["workload"] in backend_situ:
+            situ = r["requests_per_task"] * backend_situ[r["workload"]]
+            floor = ratio(backend_situ[r["workload"]], per / 1e3 if per else None)
         out.append(
             f"| {r['workload']} | {r['backend']} | {r['form']} | {f(r['requests_per_task'])} | "
             f"{key or r.get('transport')} | {f(per, 0)} | {f(budget)} | {f(cpu)} | "
             f"{f(ratio(cpu, budget))} | "
             f"{f(ratio(cpu, situ))} | "
+            f"{f(floor)} | "
             f"{f(ratio(cpu, naive.get(r['workload'])))} | "
             f"{f(ratio(cpu, loop.get(r['workload'])))} |"
         )
