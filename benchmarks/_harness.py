@@ -22,6 +22,8 @@ __all__ = [
 EMULATOR_KEY = "emulator-key"
 #: AsyncNovita's default pool size (``max_connections=64``).
 POOL_SIZE = 64
+#: AsyncNovita's default cap on task-result GETs in flight (``max_concurrent_polls=16``).
+POLL_CAP = 16
 
 
 class CountingTransport(httpx.AsyncBaseTransport):
@@ -70,9 +72,9 @@ class CountingTransport(httpx.AsyncBaseTransport):
 
 def make_transport(kind: str, *, max_connections: int | None = POOL_SIZE) -> CountingTransport:
     """``httpx``: httpcore's pool (what httpx.AsyncClient builds); ``aiohttp``: httpx-aiohttp;
-    ``shards``: the library's default on trio (``ShardedPool`` of ``POOL_SIZE`` connections,
-    at most that many requests in flight, so that none queues inside a shard, as in the
-    library).
+    ``shards``: the library's default on trio (``ShardedPool`` of ``POOL_SIZE`` connections),
+    at most ``POLL_CAP`` requests in flight, as the library's polls: what a request costs
+    there, without the extra CPU of a pool with many requests in flight (nor its queue).
 
     ``max_connections=None`` means httpx's own defaults (100 connections, 20 kept
     alive) -- what a plain ``httpx.AsyncClient()`` uses.
@@ -80,7 +82,7 @@ def make_transport(kind: str, *, max_connections: int | None = POOL_SIZE) -> Cou
     if kind == "shards":
         from novita_async._pool import ShardedPool
 
-        return CountingTransport(ShardedPool(max_connections=POOL_SIZE), limit=POOL_SIZE)
+        return CountingTransport(ShardedPool(max_connections=POOL_SIZE), limit=POLL_CAP)
     limits = (
         httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if max_connections is not None

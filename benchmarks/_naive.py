@@ -8,8 +8,9 @@
   httpx-aiohttp transport (so the strategy, not httpcore's pool, sets its
   latency): the fixed-interval points of the trade-off curve.
 * ``trio-loop-1``: the 1 s loop on trio, on the library's default trio transport
-  (httpx's pool in shards, at most 64 requests in flight as in the library): what
-  a request costs on trio on each workload, nothing but the transport and JSON.
+  (httpx's pool in shards), at most 16 requests in flight (the library's cap on
+  polls): what a request costs on trio on each workload, nothing but the transport
+  and JSON.
 
 A loop that has not delivered everything ``deadline`` seconds into the measured
 batch (httpcore's pool can collapse under 1000 requests in flight on 2 busy

@@ -368,9 +368,9 @@ def _transport_tables(results: dict[str, Any]) -> list[str]:
         "the cost per request the 1 s loop paid on the same workload in this run (its CPU "
         "÷ its requests: nothing but the transport and JSON), on the library's default "
         "transport: asyncio's `fixed 1 s loop (httpx-aiohttp)`, trio's `fixed 1 s loop "
-        "(trio, httpx-shards)` (at most 64 requests in flight, as in the library). *1 s loop "
-        "÷ requests x cost*: what the same metric gives that loop, a client with no library "
-        "code (its CPU ÷ (its requests x the micro-benchmark's cost)).",
+        "(trio, httpx-shards)` (at most 16 requests in flight, the library's cap on polls). "
+        "*1 s loop ÷ requests x cost*: what the same metric gives that loop, a client with "
+        "no library code (its CPU ÷ (its requests x the micro-benchmark's cost)).",
         "",
         "| workload | backend | form | requests/task | default transport | µs/request | "
         "requests x cost (ms) | library CPU ms/task | ÷ requests x cost | ÷ in situ | "
