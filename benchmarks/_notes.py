@@ -24,8 +24,9 @@ NOTES = [
     "request does not explain is wide: at every size the 5-85 % quantile range of the "
     "durations is 0.48-0.52 s, so any policy with <= 1.15 polls per task (one poll at the 85 % "
     "quantile or later for most tasks) leaves about a third of them more than 0.3 s late, even "
-    "knowing the distribution exactly (#9's warm goal is only reachable on `affine-const`). "
-    "`bursts` submits the `affine` prompts "
+    "knowing the distribution exactly: the oracle (see the workloads table) needs >= 1.5 "
+    "polls per task for a p95 of 0.3 s there (#9's warm goal is only reachable on "
+    "`affine-const`). `bursts` submits the `affine` prompts "
     "in 5 waves 2 s apart: later waves meet a client that has learned from earlier ones.",
     "- cold: a fresh client, the whole batch submitted before any task finished (nothing "
     "learned); warm: the same client first ran other tasks of the same workload.",

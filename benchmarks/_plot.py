@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from _forms import KNOB
+from _oracle import front_for
 
 __all__ = ["plot_tradeoff"]
 
@@ -66,6 +67,17 @@ def plot_tradeoff(results: dict[str, Any], path: Path) -> bool:
                 xytext=(4, -10),
                 fontsize=8,
                 color="tab:red",
+            )
+        front = front_for(results, workload)
+        if front:
+            most = max([r["polls_per_task"] for r in mine + loops], default=8.0) * 1.2
+            shown = [(p95, polls) for p95, polls in front if polls <= most]
+            ax.plot(
+                [polls for _, polls in shown],
+                [p95 for p95, _ in shown],
+                linestyle=":",
+                color="tab:gray",
+                label="oracle (knows each task's duration distribution)",
             )
         ax.set_title(f"{workload} ({results['sizes']['curve']} prompts)")
         ax.set_xlabel("polls per task")
