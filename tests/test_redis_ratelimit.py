@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 import redis.asyncio as aioredis
 import trio
@@ -247,6 +248,80 @@ async def test_redis_outage_waits_then_raises_and_a_lost_reservation_is_renewed(
                 await lim.acquire(1)
     finally:
         server.stop()
+
+
+class _ReplyDropper:
+    """A TCP proxy in front of Redis. Once ``armed``, it passes the next command on but
+    drops the reply and the connection: Redis ran the command, the client never heard."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("redis://").split("/")[0].split(":")
+        self.upstream = (host, int(port))
+        self.armed = False
+        self.dropped = 0
+        self.url = ""
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        self.url = f"redis://127.0.0.1:{port}/0"
+        async with listener:
+            task_status.started()
+            await listener.serve(self._relay)
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        try:
+            async with client:
+                upstream = await anyio.connect_tcp(*self.upstream)
+                async with upstream, anyio.create_task_group() as tg:
+
+                    async def forward() -> None:
+                        async for chunk in client:
+                            await upstream.send(chunk)
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(forward)
+                    async for chunk in upstream:
+                        if self.armed:  # the reply of the command just passed on
+                            self.armed = False
+                            self.dropped += 1
+                            break
+                        await client.send(chunk)
+                    tg.cancel_scope.cancel()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+
+@pytest.mark.anyio
+async def test_a_reservation_whose_reply_was_lost_is_not_made_twice(
+    redis_url: str, redis_key: str
+) -> None:
+    # Redis ran the reserve, then the connection dropped before its reply: the call is
+    # sent again (by redis-py's retries or the limiter's own). Before reservation tokens,
+    # the second run reserved again, and the first reservation held the only image of
+    # the window (30 s here) for nobody.
+    dropper = _ReplyDropper(redis_url)
+    async with anyio.create_task_group() as tg:
+        await tg.start(dropper.serve)
+        async with (
+            RedisRateLimiter(dropper.url, 1, key=redis_key, window=30, margin=0) as lim,
+            RedisRateLimiter(redis_url, 1, key=redis_key, window=30, margin=0) as other,
+        ):
+            await lim.flush()  # script loaded, connection open
+            dropper.armed = True
+            with anyio.fail_after(5):  # a second reservation: due in 30 s
+                admission = await lim.acquire(1)
+            assert dropper.dropped == 1
+            assert lim.admitted == 1
+            # One image reserved in the shared log, not two: refunding it frees the window.
+            with anyio.move_on_after(0.3) as scope:
+                await other.acquire(1)
+            assert scope.cancelled_caught  # the quota of 1 is taken
+            lim.refund(admission)
+            await lim.flush()
+            with anyio.fail_after(5):  # with an orphan reservation left: 30 s
+                await other.acquire(1)
+        tg.cancel_scope.cancel()
 
 
 def test_trio_is_refused_clearly(redis_url: str) -> None:

@@ -32,6 +32,10 @@ queued in this instance and applied atomically with its next Redis call: the nex
 ``acquire`` (or the next check of a sleeping one), or ``await limiter.flush()``.
 Until then only this process knows; call ``flush()`` if no acquire follows soon.
 
+A reservation carries a random token, so that a call whose reply was lost (the script
+ran, then the connection dropped) and is sent again gets the same reservation back,
+not a second one that would hold capacity nobody uses for a whole window.
+
 Each admission is held for ``window + margin`` seconds: ``margin`` (0.5 s) covers
 the difference between the moment of admission and the moment the POST reaches
 Novita, which otherwise costs a 429 at window boundaries when requests travel at
@@ -43,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 from types import TracebackType
 
 import anyio
@@ -62,6 +67,8 @@ logger = logging.getLogger("novita_async.redis")
 _DUE = 0.002
 #: Seconds a cancelled acquire spends (shielded) giving its reservation back.
 _CLEANUP_TIMEOUT = 2.0
+#: Seconds a reservation's token is kept beyond ``outage_timeout``.
+_TOKEN_SLACK = 30.0
 
 
 class RedisUnavailableError(NovitaError):
@@ -134,7 +141,8 @@ class RedisRateLimiter:
             raise ValueError("max_pause, margin and outage_timeout must be >= 0")
         self._redis = RedisConnection(url_or_client)
         self.key = key
-        self._keys = [f"{tagged(key)}:{part}" for part in ("log", "state", "pending")]
+        parts = ("log", "state", "pending", "tokens", "token_times")
+        self._keys = [f"{tagged(key)}:{part}" for part in parts]
         self._script = self._redis.client.register_script(LIMITER_LUA)
         minimum = min(min_per_minute, images_per_minute or min_per_minute)
         self._config = [
@@ -147,6 +155,8 @@ class RedisRateLimiter:
             _num(max_pause),
             _num(DEFAULT_QUOTA),
             _num(_DUE),
+            # a token is needed while its call may be sent again: the outage timeout
+            _num(outage_timeout + _TOKEN_SLACK),
         ]
         self._max_pause = max_pause
         self._window = window
@@ -246,7 +256,8 @@ class RedisRateLimiter:
         cancelled caller waits for its answer (at most ``_CLEANUP_TIMEOUT``) to learn the
         member to give back: otherwise that capacity was lost for a whole window.
         """
-        call = asyncio.ensure_future(self._call("reserve", _num(weight)))
+        token = secrets.token_hex(8)  # the same on every retry of this one call
+        call = asyncio.ensure_future(self._call("reserve", _num(weight), token))
         try:
             return await asyncio.shield(call)
         except BaseException:
@@ -295,7 +306,7 @@ class RedisRateLimiter:
 
     # ----------------------------------------------------------------- Redis
 
-    async def _call(self, op: str, arg: str) -> _Reply:
+    async def _call(self, op: str, arg: str, token: str = "") -> _Reply:
         deadline: float | None = None
         delay = 0.05
         while True:
@@ -308,7 +319,7 @@ class RedisRateLimiter:
                 else:
                     age = _num(max(now - at, 0.0))
                     args += ["429", age, _num(retry_after), _num(admitted_seq)]
-            args += [op, arg]
+            args += [op, arg, token]
             try:
                 raw = await self._script(keys=self._keys, args=args)
             except UNAVAILABLE as exc:

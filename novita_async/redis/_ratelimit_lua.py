@@ -1,15 +1,21 @@
 """The Lua script behind :class:`~novita_async.redis.RedisRateLimiter` (one EVALSHA per call).
 
 KEYS: the admission log (a sorted set: member ``"<seq>:<weight>"``, score = the Redis
-time the admission is *reserved for*), the state hash, and the pending reservations
-(members of the log whose owner has not been told "go" yet: a 429 moves only those).
+time the admission is *reserved for*), the state hash, the pending reservations
+(members of the log whose owner has not been told "go" yet: a 429 moves only those),
+and the reservation tokens (a hash: the caller's token -> its member; a sorted set:
+token -> when it was used, to forget tokens after ``token_ttl``).
 Times are Redis ``TIME`` (Unix seconds, float), so every process reads one clock.
 
 ARGV: ceiling ("" = none), burst ("" = none), min, recovery period, window, margin,
-max pause, default quota, due (a reservation this close is due now), the number of
-queued reports N, then N reports of 4 values (``"refund", member, "", ""`` or
-``"429", age, retry_after | "", seq | ""``), then the operation:
-``"reserve", weight`` | ``"check", member`` | ``"peek", ""``.
+max pause, default quota, due (a reservation this close is due now), token_ttl, the
+number of queued reports N, then N reports of 4 values (``"refund", member, "", ""`` or
+``"429", age, retry_after | "", seq | ""``), then the operation and its token:
+``"reserve", weight, token`` | ``"check", member, ""`` | ``"peek", "", ""``.
+
+A reserve whose token is known answers that token's reservation (if it still stands)
+instead of making another: a call whose reply was lost (the script ran, the
+connection dropped) is sent again as it was, and must not reserve twice.
 
 Reply: ``{wait, member, weight, limit, paused, seq}`` (strings; ``wait`` is seconds from
 now until the reservation is due, ``"-1"`` if a checked member is gone; ``limit`` ""
@@ -21,7 +27,7 @@ from __future__ import annotations
 __all__ = ["LIMITER_LUA"]
 
 LIMITER_LUA = r"""
-local log, st, pending = KEYS[1], KEYS[2], KEYS[3]
+local log, st, pending, tokens, token_times = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ceiling = tonumber(ARGV[1])
@@ -33,6 +39,7 @@ local max_pause = tonumber(ARGV[7])
 local default_quota = tonumber(ARGV[8])
 local window = tonumber(ARGV[5])
 local due = tonumber(ARGV[9])
+local token_ttl = tonumber(ARGV[10])
 local eps = 1e-9
 
 local function fmt(x) return string.format('%.17g', x) end
@@ -151,10 +158,17 @@ end
 
 redis.call('ZREMRANGEBYSCORE', log, '-inf', fmt(now - span))
 redis.call('ZREMRANGEBYSCORE', pending, '-inf', fmt(now - span))
-local n = tonumber(ARGV[10])
+-- Tokens past their time, a bounded number per call (more would stall Redis after a lull).
+local stale = redis.call(
+  'ZRANGEBYSCORE', token_times, '-inf', fmt(now - token_ttl), 'LIMIT', 0, 500)
+if #stale > 0 then
+  redis.call('HDEL', tokens, unpack(stale))
+  redis.call('ZREM', token_times, unpack(stale))
+end
+local n = tonumber(ARGV[11])
 local moved = false
 for i = 0, n - 1 do
-  local kind, a, b, c = ARGV[11 + 4 * i], ARGV[12 + 4 * i], ARGV[13 + 4 * i], ARGV[14 + 4 * i]
+  local kind, a, b, c = ARGV[12 + 4 * i], ARGV[13 + 4 * i], ARGV[14 + 4 * i], ARGV[15 + 4 * i]
   if kind == 'refund' then
     local score = redis.call('ZSCORE', log, a)
     redis.call('ZREM', log, a)
@@ -169,9 +183,16 @@ for i = 0, n - 1 do
 end
 if moved then reschedule() end
 
-local op, arg = ARGV[11 + 4 * n], ARGV[12 + 4 * n]
+local op, arg, token = ARGV[12 + 4 * n], ARGV[13 + 4 * n], ARGV[14 + 4 * n]
 local wait, member, weight = 0, '', ''
-if op == 'reserve' then
+local known = op == 'reserve' and token ~= '' and redis.call('HGET', tokens, token)
+local known_at = known and redis.call('ZSCORE', log, known)
+if known_at then  -- this call ran before and its reply was lost: the same answer
+  member = known
+  weight = fmt(weight_of(known))
+  wait = math.max(tonumber(known_at) - now, 0)
+  if wait <= due then redis.call('ZREM', pending, known) end
+elseif op == 'reserve' then
   local w = tonumber(arg)
   local lim = limit_at(now)
   if lim ~= nil then w = math.min(w, lim) end
@@ -181,6 +202,10 @@ if op == 'reserve' then
   local at = place(member, w)
   wait = at - now
   if wait > due then redis.call('ZADD', pending, at, member) end
+  if token ~= '' then
+    redis.call('HSET', tokens, token, member)
+    redis.call('ZADD', token_times, now, token)
+  end
 elseif op == 'check' then
   local score = redis.call('ZSCORE', log, arg)
   if not score then
@@ -202,6 +227,9 @@ local horizon = math.max(s.last_at or now, s.paused or now) - now + span + 600
 redis.call('PEXPIRE', st, math.ceil(horizon * 1000))
 redis.call('PEXPIRE', log, math.ceil(horizon * 1000))
 redis.call('PEXPIRE', pending, math.ceil(horizon * 1000))
+local keep = math.ceil(math.max(horizon, token_ttl) * 1000)
+redis.call('PEXPIRE', tokens, keep)
+redis.call('PEXPIRE', token_times, keep)
 local lim = limit_at(now)
 return {fmt(wait), member, weight, lim and fmt(lim) or '', fmt((s.paused or 0) - now),
         tostring(s.seq or 0)}
