@@ -1,6 +1,6 @@
 """When to poll: per-task plans.
 
-The per-task :class:`Entry`, and the :class:`Planner` that decides each task's next
+The :class:`Planner` decides each tracked task's (:class:`~._entry.Entry`'s) next
 poll under a :class:`~._policy.PollPolicy`: the first one from the learned durations
 (:mod:`._learn`), a probe or a cold delay; after an answer, the server's ``eta``
 (split within its last second when etas are whole seconds), the durations of slower
@@ -15,11 +15,11 @@ import logging
 import math
 from collections import deque
 from statistics import fmean
-from typing import Literal
 
 import anyio
 import attrs
 
+from ._entry import Entry
 from ._errors import (
     APIConnectionError,
     MalformedResponseError,
@@ -28,14 +28,12 @@ from ._errors import (
     ServerError,
 )
 from ._learn import MAX_SECONDS, Learner, Peers
-from ._policy import PollHint, PollPolicy, PollStats
+from ._policy import PollPolicy, PollStats
 from ._results import Task, TaskResult, TaskStatus
 
-__all__ = ["Entry", "Outcome", "Planner"]
+__all__ = ["Outcome", "Planner"]
 
 logger = logging.getLogger("novita_async")
-
-Plan = Literal["now", "probe", "probed", "cold", "learned", "webhook"]
 
 #: Whole-second etas in a row (and no fraction ever) that make etas "rounded up".
 _WHOLE_ETAS = 5
@@ -49,91 +47,6 @@ _COST_GAP = 0.85
 _COLD_HOLD = 60.0
 #: Errors that survived the transport's retries but say nothing about the task.
 _TRANSIENT = (APIConnectionError, ServerError, RateLimitError, MalformedResponseError)
-
-
-# --------------------------------------------------------------------------- entries
-
-
-class Entry:
-    """One tracked task, shared by all its waiters."""
-
-    __slots__ = (
-        "answered",
-        "backoff",
-        "confirming",
-        "cost",
-        "created_at",
-        "done",
-        "dropped",
-        "error",
-        "errors",
-        "event",
-        "finish_by",
-        "heap_seq",
-        "last",
-        "listed",
-        "malformed",
-        "next_at",
-        "plan",
-        "polling",
-        "polls",
-        "recheck",
-        "result",
-        "resume_at",
-        "sampled",
-        "scope",
-        "sent",
-        "split",
-        "submitted_at",
-        "task_id",
-        "waiters",
-        "webhook",
-    )
-
-    def __init__(self, task_id: str, now: float, backoff: float) -> None:
-        self.task_id = task_id
-        self.created_at = now
-        self.submitted_at: float | None = None
-        self.cost: float | None = None
-        self.waiters = 0
-        self.event = anyio.Event()  # set when done (or dropped)
-        self.plan: Plan = "now"
-        self.next_at = now
-        self.heap_seq = -1  # seq of this entry's one valid heap item, -1: none
-        self.polling = False  # handed to the workers, answer not applied yet
-        self.scope: anyio.CancelScope | None = None  # the poll in flight
-        self.sent = 0
-        self.polls = 0
-        self.answered = False
-        self.sampled = False
-        self.backoff = backoff
-        self.errors = 0
-        self.malformed: tuple[int, str] = (0, "")  # identical malformed answers in a row
-        self.finish_by: float | None = None  # a whole-second eta's upper bound
-        self.split = False  # the last second of a whole-second eta was split once
-        self.last: TaskResult | None = None
-        self.done = False
-        self.dropped = False
-        self.result: TaskResult | None = None
-        self.error: Exception | None = None
-        self.webhook = False  # submitted with a webhook: polls held back
-        self.confirming: anyio.Event | None = None  # a delivery waits for a poll's answer
-        self.recheck = False  # a delivery came while a GET was on the wire: poll once more
-        self.resume_at: float | None = None  # the plan a delivery's poll interrupted
-        self.listed: float | None = None  # its submission time in the planner's running list
-
-    @property
-    def live(self) -> bool:
-        return not (self.done or self.dropped)
-
-    def absorb(self, hint: PollHint, now: float) -> None:
-        """Take what ``hint`` knows and this entry does not (for learning)."""
-        submitted, cost = hint.submitted_at, hint.cost
-        if self.submitted_at is None and submitted is not None and math.isfinite(submitted):
-            self.submitted_at = min(submitted, now)
-        if self.cost is None and cost is not None and math.isfinite(cost) and cost > 0:
-            self.cost = float(cost)
-        self.webhook = self.webhook or hint.webhook
 
 
 def _eta(result: TaskResult) -> float | None:

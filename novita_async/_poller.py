@@ -33,8 +33,9 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._entry import Entry
 from ._errors import InvalidRequestError, NovitaError
-from ._plan import Entry, Outcome, Planner
+from ._plan import Outcome, Planner
 from ._policy import PollHint, PollPolicy, PollStats
 from ._results import TaskResult, TaskStatus
 from ._task_errors import TaskFailedError, TaskTimeoutError

@@ -1424,7 +1424,8 @@ def test_past_every_sample_a_task_with_many_peers_as_old_is_polled_steadily() ->
     one of a burst whose peers are as old (the samples are only the first finishers) is
     polled every 2 x latency_budget, or a quarter of its age if longer (submitted at
     clock 0.0, which the age once took for "no submission time")."""
-    from novita_async._plan import Entry, Planner
+    from novita_async._entry import Entry
+    from novita_async._plan import Planner
     from novita_async._policy import PollStats
 
     def gaps(peers: int) -> list[float]:
