@@ -43,6 +43,9 @@ _BURST_PACE = 0.25
 _COHORT_SIDE = 3
 #: Ended probes cost less on average than running ones by this factor: durations grow with cost.
 _COST_GAP = 0.85
+#: A cold first poll held for the probes' next poll comes this long after it (seconds):
+#: their answers are in by then.
+_PROBE_LEAD = 0.05
 #: Longest wait of a cold first poll for the probes' first duration (seconds).
 _COLD_HOLD = 60.0
 #: Errors that survived the transport's retries but say nothing about the task.
@@ -163,15 +166,30 @@ class Planner:
         minute): a poll before anything finished tells nothing. The probes' first
         duration (or their end, without one) re-plans every cold task
         (``Outcome.warmed``, :meth:`forget`).
+
+        When two probes have ended, too few to tell whether durations grow with cost
+        (:meth:`_cost_scales`), and none still running costs less than they do
+        (:meth:`_leaning`), a task that would come later if durations did grow waits
+        for the probes' next poll: planned from the two cheap probes' seconds alone,
+        a burst's first polls came before most dear tasks' end. When due, the tick
+        plans it again (:meth:`replan`) with what those probes' answers said.
         """
         submitted = entry.submitted_at
         if submitted is None:
             return
-        early = self.learner.early(entry.cost, scales=self._cost_scales())
+        scales = self._cost_scales()
+        early = self.learner.early(entry.cost, scales=scales)
         if early is None:
             early = self._fastest
         if early is not None:
-            entry.next_at = submitted + max(early + (self.policy.latency_budget or 0.0), 0.0)
+            budget = self.policy.latency_budget or 0.0
+            entry.next_at = submitted + max(early + budget, 0.0)
+            if not scales and entry.cost is not None and self._leaning():
+                scaled = self.learner.early(entry.cost, scales=True)
+                upcoming = [e.next_at for e in self._cohort if e.live and not e.sampled]
+                if scaled is not None and scaled > early:
+                    held = min(submitted + scaled + budget, min(upcoming) + _PROBE_LEAD)
+                    entry.next_at = max(entry.next_at, held)
         elif self._holding():  # at most _COLD_HOLD: probes stuck for good must not hang it
             entry.next_at = submitted + max(_COLD_HOLD, self.policy.first_poll_delay)
         else:
@@ -192,6 +210,17 @@ class Planner:
             sides = min(len(ended), len(running)) >= _COHORT_SIDE
             self._scales = sides and fmean(ended) < _COST_GAP * fmean(running)
         return self._scales
+
+    def _leaning(self) -> bool:
+        """Two probes ended (fewer than ``_COHORT_SIDE``: the probes cannot tell yet),
+        some still run, and none of those costs less than either. Where durations grow
+        with cost, the first probes to end are the cheapest; where cost says nothing,
+        two ends from the cheapest are unlikely (1 in 190 of 20 probes, without ties)."""
+        ended = [e.cost for e in self._cohort if e.sampled and e.cost is not None]
+        running = [e.cost for e in self._cohort if e.live and not e.sampled and e.cost is not None]
+        if not 2 <= len(ended) < _COHORT_SIDE or not running:
+            return False
+        return max(ended) <= min(running)
 
     def _holding(self) -> bool:
         """Cold first polls wait for the probes: no eta, and probes still running."""

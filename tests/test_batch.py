@@ -1122,13 +1122,17 @@ def test_without_eta_a_cold_burst_waits_for_the_probes_first_end() -> None:
     assert polls <= 2.0  # the probes' polls included
 
 
-def _cold_burst(n: int, duration: Any, known: list[int] | None = None) -> tuple[float, float]:
-    """A cold burst of ``n`` prompts of 20-60 steps on a server without eta: (polls per
-    task, p95 of how late each task's end was seen); ``known`` gets the durations the
-    client had learnt at each delivery."""
+def _cold_burst(
+    n: int, duration: Any, known: list[int] | None = None, steps: list[int] | None = None
+) -> tuple[float, float]:
+    """A cold burst of ``n`` prompts of 20-60 steps (or of ``steps``, in order) on a server
+    without eta: (polls per task, p95 of how late each task's end was seen); ``known``
+    gets the durations the client had learnt at each delivery."""
 
     rng = random.Random(3)
-    requests = [req(f"cold {i}", steps=rng.choice(range(20, 61, 5))) for i in range(n)]
+    if steps is None:
+        steps = [rng.choice(range(20, 61, 5)) for _ in range(n)]
+    requests = [req(f"cold {i}", steps=s) for i, s in enumerate(steps[:n])]
 
     async def main() -> tuple[float, float]:
         emu = NovitaEmulator(durations=duration, clock=anyio.current_time, report_eta=False)
@@ -1164,6 +1168,25 @@ def test_a_cold_burst_whose_durations_grow_with_cost_polls_dear_tasks_later() ->
     polls, p95 = _cold_burst(300, duration)
     assert polls <= 1.6
     assert p95 <= 0.65
+
+
+def test_a_cold_burst_does_not_poll_dear_tasks_on_two_cheap_probes_seconds() -> None:
+    """302 prompts, 0.9 s plus 33 ms a step (10, 30 or 60 steps: 1.2, 1.9 or 2.9 s), no
+    eta. The first 20 are the probes: two cheap ones, three of 30 steps, fifteen dear.
+    The probes' poll at 1.85 s finds the two cheap ones ended: too few to tell whether
+    durations grow with cost, so every cold first poll was planned from their seconds
+    (1.6 s after submission), before most tasks' end (2.18 polls per task). The two are
+    cheaper than every probe still running: the dearer tasks now wait for the probes'
+    next poll, whose three ends settle it (1.24 polls, p95 0.78 s either way)."""
+
+    def duration(body: Any) -> float:
+        return (0.9 + body["request"]["steps"] / 30) * (0.98 + 0.04 * _unit(body))
+
+    probes = [10, 10] + [30] * 3 + [60] * 15
+    steps = probes + [10, 30, 60] * 94
+    polls, p95 = _cold_burst(len(steps), duration, steps=steps)
+    assert polls <= 1.5
+    assert p95 <= 0.85
 
 
 def test_a_cold_burst_whose_fixed_part_varies_is_first_polled_past_its_first_finishers() -> None:
