@@ -215,7 +215,9 @@ class Planner:
         """Two probes ended (fewer than ``_COHORT_SIDE``: the probes cannot tell yet),
         some still run, and none of those costs less than either. Where durations grow
         with cost, the first probes to end are the cheapest; where cost says nothing,
-        two ends from the cheapest are unlikely (1 in 190 of 20 probes, without ties)."""
+        two ends from the cheapest are unlikely (1 in 190 of 20 probes without ties;
+        likelier where many tasks share the cheapest cost). Holding a task then costs
+        latency only if it ended before the probes' next poll."""
         ended = [e.cost for e in self._cohort if e.sampled and e.cost is not None]
         running = [e.cost for e in self._cohort if e.live and not e.sampled and e.cost is not None]
         if not 2 <= len(ended) < _COHORT_SIDE or not running:
