@@ -102,6 +102,7 @@ class Planner:
         self._probed = 0  # probes answered and still running
         self._cohort: deque[Entry] = deque(maxlen=policy.warmup_samples)  # the last probes
         self._scales: bool | None = None  # _cost_scales(), until a probe ends or starts
+        self._leans = False  # _leaning(), computed with _scales
         self._fastest: float | None = None  # the shortest duration seen (held back or not)
         self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
 
@@ -209,6 +210,9 @@ class Planner:
             ]
             sides = min(len(ended), len(running)) >= _COHORT_SIDE
             self._scales = sides and fmean(ended) < _COST_GAP * fmean(running)
+            self._leans = (
+                2 <= len(ended) < _COHORT_SIDE and bool(running) and max(ended) <= min(running)
+            )
         return self._scales
 
     def _leaning(self) -> bool:
@@ -217,12 +221,10 @@ class Planner:
         with cost, the first probes to end are the cheapest; where cost says nothing,
         two ends from the cheapest are unlikely (1 in 190 of 20 probes without ties;
         likelier where many tasks share the cheapest cost). Holding a task then costs
-        latency only if it ended before the probes' next poll."""
-        ended = [e.cost for e in self._cohort if e.sampled and e.cost is not None]
-        running = [e.cost for e in self._cohort if e.live and not e.sampled and e.cost is not None]
-        if not 2 <= len(ended) < _COHORT_SIDE or not running:
-            return False
-        return max(ended) <= min(running)
+        latency only if it ended before the probes' next poll. Judged with
+        :meth:`_cost_scales`, from the same probes, once until one ends or starts."""
+        self._cost_scales()
+        return self._leans
 
     def _holding(self) -> bool:
         """Cold first polls wait for the probes: no eta, and probes still running."""
