@@ -31,25 +31,26 @@ from typing import Any
 
 from _workloads import WORKLOADS, duration_for, request_dicts
 
-__all__ = ["ORACLE_WORKLOADS", "front_for", "frontier", "oracle_polls"]
+__all__ = ["ORACLE_DURATIONS", "front_for", "frontier", "oracle_polls"]
 
-#: Workloads whose tasks tell nothing before they end (eta 0): ``uniform-eta``'s integer
-#: eta would let an oracle do better; ``bursts`` has ``affine``'s tasks.
-ORACLE_WORKLOADS = ("uniform", "cost", "affine", "affine-const")
+#: Duration models of the workloads whose tasks tell nothing before they end (eta 0);
+#: ``uniform-eta``'s integer eta would let an oracle do better (:func:`front_for`).
+ORACLE_DURATIONS = ("uniform", "cost", "affine", "affine-const")
 
 SAMPLES = 100  # duration draws per request
 QUANTILES = 101  # first poll at q = 0, 0.01, ..., 1 of the task's distribution
 INTERVALS = tuple(round(0.02 * i, 2) for i in range(1, 51))  # then every 0.02 ... 1 s
 
 
-def frontier(workload: str, count: int, *, seed: int = 0) -> list[tuple[float, float]] | None:
-    """[(p95 s, polls per task)] of the oracle over ``count`` prompts of ``workload``
-    (the benchmark's mix at ``seed``), p95 rising and polls falling; ``None`` without numpy."""
+def frontier(durations: str, count: int, *, seed: int = 0) -> list[tuple[float, float]] | None:
+    """[(p95 s, polls per task)] of the oracle over ``count`` prompts of the benchmark's
+    mix at ``seed`` with the ``durations`` model, p95 rising and polls falling; ``None``
+    without numpy."""
     try:
         import numpy as np
     except ImportError:
         return None
-    duration = duration_for(WORKLOADS[workload].durations, seed=seed)
+    duration = duration_for(durations, seed=seed)
     draws = np.array(
         [
             [duration({**r, "prompt": f"oracle {i}-{j}"}) for j in range(SAMPLES)]
@@ -72,7 +73,8 @@ def frontier(workload: str, count: int, *, seed: int = 0) -> list[tuple[float, f
 
 
 def front_for(results: dict[str, Any], workload: str) -> list[Any] | None:
-    """The oracle frontier that holds for ``workload``'s tasks (``results["oracle"]``)."""
+    """The oracle frontier that holds for ``workload``'s tasks (``results["oracle"]``, by
+    duration model: ``bursts`` has ``affine``'s)."""
     w = WORKLOADS.get(workload)
     if w is None or w.eta != "zero":
         return None

@@ -16,6 +16,8 @@ __all__ = ["render"]
 
 GOAL_FORMS = 1.15  # issue #8: bare within 1.15x of `async with`
 BASIS = 16  # in-flight level of the transport cost basis (the library's default poll cap)
+#: AsyncNovita's default transport per backend (the in-situ basis uses its 1 s loop).
+DEFAULTS = {"asyncio": "httpx-aiohttp", "trio": "httpx-shards"}
 PNG = "benchmarks/tradeoff.png"
 
 
@@ -397,9 +399,8 @@ def _transport_tables(results: dict[str, Any]) -> list[str]:
         budget = r["requests_per_task"] * per / 1e3 if per else None
         cpu = r["client_cpu_ms_per_task"]
         situ = floor = None
-        defaults = {"asyncio": "httpx-aiohttp", "trio": "httpx-shards"}
         backend_situ = in_situ.get(r["backend"], {})
-        if key == defaults.get(r["backend"]) and r["workload"] in backend_situ:
+        if key == DEFAULTS.get(r["backend"]) and r["workload"] in backend_situ:
             situ = r["requests_per_task"] * backend_situ[r["workload"]]
             floor = ratio(backend_situ[r["workload"]], per / 1e3 if per else None)
         out.append(

@@ -241,12 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def publish(results: dict[str, Any], args: argparse.Namespace) -> None:
-    from _oracle import ORACLE_WORKLOADS, frontier
+    from _oracle import ORACLE_DURATIONS, frontier
     from _plot import plot_tradeoff
 
     count = results["sizes"]["curve"]  # the request mix; computed, not measured
-    fronts = {w: frontier(w, count, seed=results["seed"]) for w in ORACLE_WORKLOADS}
-    results["oracle"] = {w: front for w, front in fronts.items() if front}
+    fronts = {d: frontier(d, count, seed=results["seed"]) for d in ORACLE_DURATIONS}
+    results["oracle"] = {d: front for d, front in fronts.items() if front}
     results["curve_png"] = plot_tradeoff(results, PLOT)
     body = render(results)
     print()
