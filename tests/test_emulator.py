@@ -107,6 +107,26 @@ async def test_statuses_follow_the_clock_and_eta_counts_down(clock: ManualClock)
     assert (emu.tasks_created, emu.submissions, emu.polls[task_id], emu.polls_total) == (1, 1, 5, 5)
 
 
+async def test_without_stamps_debug_info_times_are_empty(clock: ManualClock) -> None:
+    emu = NovitaEmulator(clock=clock, durations=2.0, queue_delay=0.5, stamps=False)
+    async with emulator_http(emu) as client:
+        task_id = await submit(client)
+        clock.advance(1.0)
+        running = await poll(client, task_id)
+        clock.advance(2.0)
+        done = await poll(client, task_id)
+    assert running["task"]["status"] == "TASK_STATUS_PROCESSING"
+    assert done["task"]["status"] == "TASK_STATUS_SUCCEED"
+    for body in (running, done):
+        debug = body["extra"]["debug_info"]
+        assert (debug["submit_time_ms"], debug["execute_time_ms"], debug["complete_time_ms"]) == (
+            "",
+            "",
+            "",
+        )
+        assert json.loads(debug["request_info"])["model"] == MODEL  # the rest is there
+
+
 async def test_result_body_matches_novitas_shape(emu: NovitaEmulator, clock: ManualClock) -> None:
     extra = {"response_image_type": "jpeg", "enable_nsfw_detection": True}
     async with emulator_http(emu) as client:

@@ -119,6 +119,8 @@ class NovitaEmulator:
         images_per_minute: enforce Novita's IPM quota (429 + Retry-After); see :meth:`rate_limit`.
         models: the ``GET /v3/model`` catalogue (default :func:`default_models`).
         strict_models: reject txt2img whose ``model_name`` is not a catalogue checkpoint.
+        stamps: ``False`` answers ``debug_info``'s submit, execute and complete times
+            ``""`` (Novita's examples show them; a proxy or another server may not).
     """
 
     API_BASE_URL = API_BASE_URL
@@ -142,6 +144,7 @@ class NovitaEmulator:
         images_per_minute: float | None = None,
         models: Iterable[Mapping[str, Any]] | None = None,
         strict_models: bool = False,
+        stamps: bool = True,
     ) -> None:
         self._rng = random.Random(seed)
         self._durations = durations
@@ -166,6 +169,7 @@ class NovitaEmulator:
         self.not_found_for = not_found_for
         self.report_eta = report_eta
         self.strict_models = strict_models
+        self.stamps = stamps
         self._images = ImageHost(hashlib.sha256(f"novita-emulator:{seed}".encode()).digest())
         self._epoch_offset: float | None = None  # set at first use: clock() may need a loop
         self._worker_free: list[float] = [] if workers is None else [-math.inf] * workers
@@ -592,7 +596,7 @@ class NovitaEmulator:
             report_eta=self.report_eta,
             image_url_ttl=self.image_url_ttl,
             image_url=lambda key, expires: self._images.url(image_base_url, key, expires),
-            epoch_ms=self._ms,
+            epoch_ms=self._ms if self.stamps else lambda instant: "",
         )
 
     # model listing
