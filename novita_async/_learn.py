@@ -280,6 +280,16 @@ class Learner:
             return None
         return duration
 
+    def local(self, stamp_ms: int | None) -> float | None:
+        """A server stamp (epoch milliseconds) on the local clock, by the smallest
+        recent offset between the clocks; ``None`` before any offset is known."""
+        if not stamp_ms or not self._offsets:
+            return None
+        try:
+            return stamp_ms / 1000 - min(self._offsets)
+        except OverflowError:  # an int beyond any float: no epoch milliseconds
+            return None
+
     def add(self, seconds: float, cost: float | None) -> bool:
         """Learn one duration; ``True`` when it made the learner warm."""
         if not 0 <= seconds <= MAX_SECONDS:

@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._learn import MAX_SECONDS, Learner, Peers
 from ._policy import PollPolicy, PollStats
+from ._queue import Backlog
 from ._results import Task, TaskResult, TaskStatus
 
 __all__ = ["Outcome", "Planner"]
@@ -99,12 +100,15 @@ class Planner:
         self.paused_until = -math.inf  # a 429 on a poll pauses every poll
         #: The running tasks (no webhook), and durations held back.
         self.peers = Peers(limit=4 * policy.learning_window)
+        #: The server's queue: how fast tasks end, how long they run once started.
+        self.backlog = Backlog(policy, local=self.learner.local)
         self._probed = 0  # probes answered and still running
         self._cohort: deque[Entry] = deque(maxlen=policy.warmup_samples)  # the last probes
         self._scales: bool | None = None  # _cost_scales(), until a probe ends or starts
         self._leans = False  # _leaning(), computed with _scales
         self._fastest: float | None = None  # the shortest duration seen (held back or not)
         self._whole_etas = 0  # whole-second etas seen in a row (-1: a fraction was seen)
+        self._ranks = 0  # tasks planned so far (a task's rank: the order they were submitted)
 
     def first(self, entry: Entry) -> None:
         """Plan the first poll of a newly tracked task."""
@@ -114,7 +118,8 @@ class Planner:
         if entry.webhook:
             entry.plan, entry.next_at = "webhook", submitted + self.safety_offset(entry.cost)
             return
-        entry.listed = submitted
+        entry.listed, entry.rank = submitted, self._ranks
+        self._ranks += 1
         self.peers.add(submitted)
         offset = learner.first_poll(entry.cost)
         if offset is not None:
@@ -249,9 +254,7 @@ class Planner:
                     elif learner.eta_supported is None:
                         learner.eta_supported = False
                 elif status is TaskStatus.SUCCEED:
-                    stamped = learner.from_timestamps(
-                        result, entry.submitted_at, now - entry.submitted_at
-                    )
+                    stamped = self._stamped_duration(entry, result, now - entry.submitted_at)
                     seen = sent - entry.submitted_at
                     warmed |= self._sample(entry, seen if stamped is None else stamped)
                 self.settle_probe(entry)
@@ -261,9 +264,10 @@ class Planner:
                 else:
                     stats.first_poll_misses += 1
         if status.is_terminal:
+            self.backlog.ended(entry, result, now)
             if status is TaskStatus.SUCCEED and not entry.sampled:
                 observed = None if entry.submitted_at is None else now - entry.submitted_at
-                stamped = learner.from_timestamps(result, entry.submitted_at, observed)
+                stamped = self._stamped_duration(entry, result, observed)
                 if stamped is not None:
                     warmed |= self._sample(entry, stamped)
             return Outcome(result=result, warmed=warmed)
@@ -271,8 +275,10 @@ class Planner:
         if eta is not None:
             delay = self._eta_delay(entry, eta, now)
             entry.backoff = policy.backoff_initial
-        else:  # no eta: what slower tasks took, a burst's pace, or back off
-            delay = self._learned_delay(entry, now)
+        else:  # no eta: the queue, what slower tasks took, a burst's pace, or back off
+            delay = self.backlog.delay(entry, result, now)
+            if delay is None:
+                delay = self._learned_delay(entry, now)
             budget = policy.latency_budget
             if delay is None and budget is not None and self._censored(entry):
                 age = now - entry.listed if entry.listed is not None else 0.0
@@ -312,6 +318,18 @@ class Planner:
             return bound - now + margin
         entry.split = True
         return bound - 0.5 - now
+
+    def _stamped_duration(
+        self, entry: Entry, result: TaskResult, observed: float | None
+    ) -> float | None:
+        """Submission-to-end seconds from the server's stamps. A task that waited in
+        a queue tells how long the queue was, not how long tasks take: ``None`` once
+        the learner is warm, else the seconds less that wait."""
+        stamped = self.learner.from_timestamps(result, entry.submitted_at, observed)
+        excess = self.backlog.excess_wait(result)
+        if stamped is None or (excess > 0 and self.learner.warm):
+            return None
+        return stamped - excess
 
     def _learned_delay(self, entry: Entry, now: float) -> float | None:
         if entry.submitted_at is None:

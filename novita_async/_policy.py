@@ -28,8 +28,12 @@ class PollPolicy:
     """Tunables of the polling scheduler (durations in seconds).
 
     * After an unfinished answer the next poll comes ``eta + eta_margin`` later
-      when the server gives an ``eta``; else where the learned durations of
-      slower tasks put it (at most ``latency_budget`` later); else, past every
+      when the server gives an ``eta``; else, for a task the server queued
+      (``QUEUED``), when the queue's front should reach it plus the first runs
+      of its cost, and once it runs after such a wait, where the runs of its cost
+      end (its ``debug_info`` start stamp), or every ``latency_budget`` without
+      stamps; else where the learned durations of slower tasks put it (at most
+      ``latency_budget`` later); else, past every
       learned duration while ``warmup_samples`` tasks as old still run (a
       burst whose samples are its first finishers), every ``2 x
       latency_budget`` or a quarter of its age if longer; else after a backoff
@@ -47,7 +51,10 @@ class PollPolicy:
       ``eta`` makes them wait for the probes' first duration (at most a minute).
       Once the probes that ended cost clearly less than those still running
       (durations grow with cost), a cold first poll goes by what the first
-      finishers' costs predict at its own cost.
+      finishers' costs predict at its own cost. A task that waited in a queue
+      (stamped: over half a second longer than the shortest wait seen) is not
+      learnt once ``warmup_samples`` durations are known: its duration was the
+      queue's.
     * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
       a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
     * One tick polls every task due within ``tick_coalesce`` of it (so a poll

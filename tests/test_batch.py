@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -1123,11 +1124,18 @@ def test_without_eta_a_cold_burst_waits_for_the_probes_first_end() -> None:
 
 
 def _cold_burst(
-    n: int, duration: Any, known: list[int] | None = None, steps: list[int] | None = None
+    n: int,
+    duration: Any,
+    known: list[int] | None = None,
+    steps: list[int] | None = None,
+    workers: int | None = None,
+    loop: list[float] | None = None,
+    stamps: bool = True,
 ) -> tuple[float, float]:
     """A cold burst of ``n`` prompts of 20-60 steps (or of ``steps``, in order) on a server
-    without eta: (polls per task, p95 of how late each task's end was seen); ``known``
-    gets the durations the client had learnt at each delivery."""
+    without eta (running ``workers`` tasks at once, the others QUEUED): (polls per task,
+    p95 of how late each task's end was seen); ``known`` gets the durations the client
+    had learnt at each delivery; ``loop`` the polls per task and p95 of a 1 s loop."""
 
     rng = random.Random(3)
     if steps is None:
@@ -1135,7 +1143,13 @@ def _cold_burst(
     requests = [req(f"cold {i}", steps=s) for i, s in enumerate(steps[:n])]
 
     async def main() -> tuple[float, float]:
-        emu = NovitaEmulator(durations=duration, clock=anyio.current_time, report_eta=False)
+        emu = NovitaEmulator(
+            durations=duration,
+            clock=anyio.current_time,
+            report_eta=False,
+            workers=workers,
+            stamps=stamps,
+        )
         late = []
         async with emu.client() as client, client.txt2img_many(requests) as run:
             async for item in run:
@@ -1144,6 +1158,10 @@ def _cold_burst(
                 if known is not None:
                     known.append(client.scheduler.stats.duration_samples)
         late.sort()
+        if loop is not None:  # polled every second from submission, each task on its own
+            ages = [t.completed_at - t.created_at for t in emu.tasks.values()]
+            looped = sorted(math.ceil(age) - age for age in ages)
+            loop.extend([sum(math.ceil(age) for age in ages) / n, looped[int(0.95 * n)]])
         return emu.polls_total / n, late[int(0.95 * n)]
 
     return trio.run(main, clock=MockClock(autojump_threshold=0))
@@ -1187,6 +1205,91 @@ def test_a_cold_burst_does_not_poll_dear_tasks_on_two_cheap_probes_seconds() -> 
     polls, p95 = _cold_burst(len(steps), duration, steps=steps)
     assert polls <= 1.5
     assert p95 <= 0.85
+
+
+def test_a_burst_the_server_queues_is_polled_by_the_queue_not_by_its_age() -> None:
+    """400 prompts, 0.6-1.2 s plus 33 ms a step, no eta, on a server that runs 25 at
+    once and queues the rest (about 38 s for the last). Every duration from submission
+    grows with the queue, so a waiting task was past all of them and polled at a growing
+    backoff: 9.6 polls per task, p95 4.5 s late, against a 1 s loop's 19.5 polls and
+    0.96 s. Now a QUEUED answer plans the next poll where the queue's front, moving at
+    the pace stamped starts show, reaches the task, plus the first runs of its cost; a
+    stamped start, where runs of its cost end (6.9 polls, p95 0.47 s)."""
+
+    def duration(body: Any) -> float:
+        return 0.6 + 0.6 * _unit(body) + body["request"]["steps"] / 30
+
+    loop: list[float] = []
+    polls, p95 = _cold_burst(400, duration, workers=25, loop=loop)
+    loop_polls, loop_p95 = loop
+    assert loop_polls > 15  # the queue is long: a 1 s loop polls each task ~20 times
+    assert polls <= 0.45 * loop_polls
+    assert p95 <= min(0.7, loop_p95)
+
+
+def _queued_then_idle(stamps: bool) -> tuple[float, float]:
+    """600 prompts on a server that runs 60 at once (the last wait ~20 s), no eta; then,
+    once they are done, 60 more: (polls per task, p95 lateness) of the 60."""
+
+    def duration(body: Any) -> float:
+        return 0.6 + 0.6 * _unit(body) + body["request"]["steps"] / 30
+
+    rng = random.Random(5)
+    busy = [req(f"busy {i}", steps=rng.choice(range(20, 61, 5))) for i in range(600)]
+    idle = [req(f"idle {i}", steps=rng.choice(range(20, 61, 5))) for i in range(60)]
+
+    async def main() -> tuple[float, float]:
+        emu = NovitaEmulator(
+            durations=duration,
+            clock=anyio.current_time,
+            report_eta=False,
+            workers=60,
+            stamps=stamps,
+        )
+        late = []
+        async with emu.client() as client:
+            async with client.txt2img_many(busy) as run:
+                async for item in run:
+                    assert item.ok
+            before = emu.polls_total
+            async with client.txt2img_many(idle) as run:
+                async for item in run:
+                    assert item.ok
+                    late.append(anyio.current_time() - emu.tasks[item.task_id].completed_at)
+        late.sort()
+        return (emu.polls_total - before) / len(idle), late[int(0.95 * len(late))]
+
+    return trio.run(main, clock=MockClock(autojump_threshold=0))
+
+
+def test_a_burst_after_a_queue_drained_is_polled_at_task_durations_not_the_queues() -> None:
+    """A client's first 600 prompts queue on a server that runs 60 at once; 60 more come
+    once they are done. The queue's waits were in the durations learnt, so the 60 were
+    first polled as late as the queue was long: 1.0 poll per task, p95 13.3 s late. A
+    stamped wait beyond the shortest seen plus 0.5 s is the queue's, and such a task's
+    duration is not learnt by a warm learner (1.27 polls, p95 0.39 s)."""
+
+    polls, p95 = _queued_then_idle(stamps=True)
+    assert polls <= 2.0
+    assert p95 <= 0.7
+
+
+def test_a_server_that_queues_without_stamps_is_polled_by_the_pace_of_ends() -> None:
+    """As above, on a server whose answers carry no ``debug_info`` times: ``QUEUED`` still
+    says a task waits. Its next poll comes when the tasks submitted between the last one
+    seen ended and it should have ended, at the pace that front moved; once running,
+    every ``latency_budget`` (before: a growing backoff, 8.5 polls per task, p95 4.5 s
+    late, against a 1 s loop's 19.5 and 0.96 s; now 6.7 polls, p95 0.65 s)."""
+
+    def duration(body: Any) -> float:
+        return 0.6 + 0.6 * _unit(body) + body["request"]["steps"] / 30
+
+    loop: list[float] = []
+    polls, p95 = _cold_burst(400, duration, workers=25, loop=loop, stamps=False)
+    loop_polls, loop_p95 = loop
+    assert loop_polls > 15
+    assert polls <= 0.45 * loop_polls
+    assert p95 <= min(0.8, loop_p95)
 
 
 def test_a_cold_burst_whose_fixed_part_varies_is_first_polled_past_its_first_finishers() -> None:
