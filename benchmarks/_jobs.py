@@ -60,14 +60,22 @@ class Emulator:
 
 @contextmanager
 def emulator(
-    durations: str, seed: int, *, eta: str = "zero", webhooks: dict[str, Any] | None = None
+    durations: str,
+    seed: int,
+    *,
+    eta: str = "zero",
+    webhooks: dict[str, Any] | None = None,
+    workers: int | None = None,
 ) -> Iterator[Emulator]:
     """An emulator process serving the ``durations`` model with ``eta`` reporting.
 
-    ``webhooks``: deliver webhooks over HTTP (``emu.webhooks()``'s keyword arguments).
+    ``webhooks``: deliver webhooks over HTTP (``emu.webhooks()``'s keyword arguments);
+    ``workers``: run that many tasks at once, the others queued.
     """
     command = [sys.executable, str(HERE / "_server.py"), "--durations", durations]
     command += ["--seed", str(seed), "--eta", eta]
+    if workers is not None:
+        command += ["--workers", str(workers)]
     if webhooks is not None:
         command += ["--webhooks", json.dumps(webhooks)]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

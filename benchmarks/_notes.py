@@ -7,14 +7,15 @@ __all__ = ["NOTES"]
 NOTES = [
     "How to read it:",
     "",
-    "- Every scenario runs in a fresh client process against the emulator in another process "
-    "over loopback HTTP (no IPM quota, every task runs at once), except the webhook rows (one "
-    "process, see there). *polls/task* counts task-result GETs the emulator received per "
-    "measured task; *added latency* is the caller getting the result minus the emulator's "
-    "completion instant (both `time.monotonic()`, one clock for both processes). CPU is the "
-    "client process's own (`time.process_time()` over the measured batch); RSS growth is peak "
-    "RSS (`ru_maxrss`) minus RSS when the batch started. *max in flight*: the scheduler's "
-    "most task-result GETs at once (the loops: requests inside their transport).",
+    "- Every scenario runs in a fresh client process against the emulator in another "
+    "process over loopback HTTP (no IPM quota; every task runs at once, but on `queued`), "
+    "except the webhook rows (one process, see there). *polls/task* counts task-result GETs "
+    "the emulator received per measured task; *added latency* is the caller getting the "
+    "result minus the emulator's completion instant (both `time.monotonic()`, one clock for "
+    "both processes). CPU is the client process's own (`time.process_time()` over the "
+    "measured batch); RSS growth is peak RSS (`ru_maxrss`) minus RSS when the batch "
+    "started. *max in flight*: the scheduler's most task-result GETs at once (the loops: "
+    "requests inside their transport).",
     "- Durations are a pure function of each request, so every client sees the same tasks. "
     "`uniform` tells the client nothing from the request: no scheduler can aim its first poll, "
     "and an integer eta (`uniform-eta`) bounds the finish to a one-second window. `cost` is "
@@ -27,7 +28,9 @@ NOTES = [
     "knowing the distribution exactly: the oracle (see the workloads table) needs >= 1.5 "
     "polls per task for a p95 of 0.3 s there (#9's warm goal is only reachable on "
     "`affine-const`). `bursts` submits the `affine` prompts "
-    "in 5 waves 2 s apart: later waves meet a client that has learned from earlier ones.",
+    "in 5 waves 2 s apart: later waves meet a client that has learned from earlier ones. "
+    "`queued` runs the `affine` prompts on a server that queues what it cannot run at once: "
+    "durations from submission grow with the queue, and the client sees `QUEUED`.",
     "- cold: a fresh client, the whole batch submitted before any task finished (nothing "
     "learned); warm: the same client first ran other tasks of the same workload.",
     "- The hand-written baseline (`naive`) uses httpx's default pool with every task's request "

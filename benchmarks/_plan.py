@@ -19,7 +19,7 @@ from _forms import KNOB, KNOB_VALUES, KNOB_VALUES_QUICK
 
 __all__ = ["MICRO_ROUNDS", "SECTIONS", "Sizes", "micro_plan", "plan", "sizes"]
 
-SECTIONS = ("workloads", "small", "forms", "scale", "curve", "webhooks", "micro")
+SECTIONS = ("workloads", "small", "queue", "forms", "scale", "curve", "webhooks", "micro")
 FORM_WORKLOADS = ("uniform-eta", "uniform", "cost", "affine", "affine-const", "bursts")
 CURVE_WORKLOADS = ("uniform", "affine")
 #: #9's "polls and p95 against the 1 s loop", also where that loop is not CPU-bound.
@@ -27,6 +27,7 @@ SMALL_WORKLOADS = ("uniform-eta", "uniform")
 #: The hand-written httpx loop (slow when its pool collapses) runs on these only.
 NAIVE_WORKLOADS = ("uniform",)
 WARM_FORMS = ("with", "single")
+FORMS = ("bare", "with")  # the fan-out forms
 TIMEOUT_BASE = 90.0
 LOOPS = ("loop-0.25", "loop-0.5", "loop-1", "loop-2")
 #: Runs of each cold bare / ``async with`` cell; the table shows their mean.
@@ -95,6 +96,14 @@ def plan(sections: list[str], z: Sizes) -> list[dict[str, Any]]:
             out += [_spec("small", w, z.small, form=f, **again) for f in ("bare", "with")]
             out.append(_spec("small", w, z.small, form="with", backend="trio", **again))
             out.append(_spec("small", w, z.small, kind="loop", client="loop-1", **again))
+    if "queue" in sections:  # a server that queues: a cold burst, then one once it drained
+        for backend, loop in (("asyncio", "loop-1"), ("trio", "trio-loop-1")):
+            out += [_spec("queue", "queued", z.main, form=f, backend=backend) for f in FORMS]
+            looped = {"kind": "loop", "client": loop, "backend": backend}
+            out.append(_spec("queue", "queued", z.main, **looped))
+            after = {"form": "with", "backend": backend, "warmup": z.main}
+            out.append(_spec("queue", "queued", z.small, **after))
+        out.append(_spec("queue", "queued", z.small, kind="loop", client="loop-1"))
     if "forms" in sections:  # trio; the asyncio side comes from "workloads"
         for w in FORM_WORKLOADS:
             out += [_spec("forms", w, z.main, form=f, backend="trio", **_repeat(f)) for f in forms]

@@ -57,13 +57,13 @@ def durations(model: str, seed: int) -> Callable[[Mapping[str, Any]], float]:
     return duration_for(model, seed=seed)
 
 
-def make_emulator(model: str, seed: int, eta: str) -> NovitaEmulator:
+def make_emulator(model: str, seed: int, eta: str, workers: int | None = None) -> NovitaEmulator:
     report = {"int": "whole", "zero": False}.get(eta, True)
     return NovitaEmulator(
         durations=durations(model, seed),
         # int: whole seconds left, rounded up; zero: ``eta`` stays 0, as on Novita's image tasks
         report_eta=report,  # type: ignore[arg-type]
-        workers=None,  # every task runs at once: no queueing on the emulated GPUs
+        workers=workers,  # None: every task runs at once, no queueing on the emulated GPUs
         images_per_minute=None,  # no IPM quota: measure polling, not the rate limiter
         clock=time.monotonic,
         seed=seed,
@@ -149,8 +149,10 @@ class Hooks:
         }
 
 
-async def serve(model: str, seed: int, eta: str, webhooks: dict[str, Any] | None) -> None:
-    emu = make_emulator(model, seed, eta)
+async def serve(
+    model: str, seed: int, eta: str, webhooks: dict[str, Any] | None, workers: int | None
+) -> None:
+    emu = make_emulator(model, seed, eta, workers)
     hooks = Hooks(emu, seed) if webhooks is not None else None
     options = None if hooks is None else {"deliver": hooks.deliver, "seed": seed, **webhooks}
     async with emu.serve(webhooks=options) as server, anyio.create_task_group() as tg:
@@ -187,9 +189,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", choices=("int", "exact", "zero"), default="zero")
     p.add_argument("--webhooks", default=None, help="deliver webhooks: emu.webhooks() kwargs")
+    p.add_argument("--workers", type=int, default=None, help="tasks run at once (default: all)")
     args = p.parse_args()
     webhooks = None if args.webhooks is None else dict(json.loads(args.webhooks))
-    anyio.run(serve, args.durations, args.seed, args.eta, webhooks)
+    anyio.run(serve, args.durations, args.seed, args.eta, webhooks, args.workers)
 
 
 if __name__ == "__main__":

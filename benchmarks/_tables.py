@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from _format import f, label, ratio, state_of
 from _forms import FORMS, KNOB
 from _micro import TRANSPORTS
 from _notes import NOTES
 from _oracle import front_for, oracle_polls
+from _polls import queue_table, small_table
 from _scenarios import CLIENTS
 from _workloads import WORKLOADS
 
@@ -19,20 +20,6 @@ BASIS = 16  # in-flight level of the transport cost basis (the library's default
 #: AsyncNovita's default transport per backend (the in-situ basis uses its 1 s loop).
 DEFAULTS = {"asyncio": "httpx-aiohttp", "trio": "httpx-shards"}
 PNG = "benchmarks/tradeoff.png"
-
-
-def f(x: Any, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def ratio(a: float | None, b: float | None) -> float:
-    return a / b if a is not None and b and not math.isnan(a) and not math.isnan(b) else math.nan
-
-
-def _state(row: dict[str, Any]) -> str:
-    return "warm" if row.get("warmup") else "cold"
 
 
 def _header(results: dict[str, Any]) -> list[str]:
@@ -65,10 +52,10 @@ def _header(results: dict[str, Any]) -> list[str]:
 def _forms_table(rows: list[dict[str, Any]]) -> list[str]:
     lib = [r for r in rows if r["section"] in ("workloads", "forms") and r["client"] == "novita"]
     keys = sorted(
-        {(r["workload"], r["backend"], _state(r)) for r in lib},
+        {(r["workload"], r["backend"], state_of(r)) for r in lib},
         key=lambda k: (list(WORKLOADS).index(k[0]), k[1], k[2]),
     )
-    by = {(r["workload"], r["backend"], _state(r), r["form"]): r for r in lib}
+    by = {(r["workload"], r["backend"], state_of(r), r["form"]): r for r in lib}
     out = [
         "### Usage forms side by side",
         "",
@@ -131,12 +118,6 @@ def _spread(runs: list[float] | None) -> str:
     return f" ({min(runs):.0f}-{max(runs):.0f})"
 
 
-def _label(r: dict[str, Any]) -> str:
-    if r["client"] != "novita":
-        return CLIENTS.get(r["client"], r["client"])
-    return f"novita_async, {FORMS[r['form']]} ({r['backend']})"
-
-
 def _workloads_table(results: dict[str, Any]) -> list[str]:
     rows = results["rows"]
     sel = [r for r in rows if r["section"] == "workloads"]
@@ -165,42 +146,12 @@ def _workloads_table(results: dict[str, Any]) -> list[str]:
         vs = f"{f(ratio(cpu, naive.get(r['workload'])))} / {f(ratio(cpu, loop.get(r['workload'])))}"
         best = oracle_polls(front_for(results, r["workload"]), r["latency_p95_s"])
         out.append(
-            f"| {r['workload']} | {_label(r)} | {_state(r)} | {f(r['polls_per_task'])} | "
+            f"| {r['workload']} | {label(r)} | {state_of(r)} | {f(r['polls_per_task'])} | "
             f"{f(best)} | "
             f"{f(r['latency_p50_s'])} / {f(r['latency_p95_s'])} / {f(r['latency_max_s'])} | "
             f"{f(cpu)} | {vs} | "
             f"{f(r['wall_s'], 1)} | {f(r['rss_growth_mb'], 0)} | {f(r['max_in_flight'])} | "
             f"{r['failures']}{' ' + '; '.join(r['errors']) if r.get('errors') else ''} |"
-        )
-    return out
-
-
-def _small_table(rows: list[dict[str, Any]]) -> list[str]:
-    sel = [r for r in rows if r["section"] == "small"]
-    if not sel:
-        return []
-    loops = {r["workload"]: r for r in sel if r["client"] == "loop-1"}
-    out = [
-        f"### {sel[0]['tasks']} prompts: where the 1 s loop is not CPU-bound",
-        "",
-        "Goal (#9), as at 1000 prompts above: polls per task <= the fixed 1 s loop's and "
-        "added latency p95 below it, cold, default settings. Each cell is the mean of "
-        f"{max(len(r.get('runs', [])) for r in sel) or 1} runs, the clients of a workload "
-        "run in turn.",
-        "",
-        "| workload | client | polls/task | added latency p50 / p95 (s) | client CPU ms/task | "
-        "polls ÷ 1 s loop | p95 ÷ 1 s loop | wall (s) | failures |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in sel:
-        loop = loops.get(r["workload"], {})
-        out.append(
-            f"| {r['workload']} | {_label(r)} | {f(r['polls_per_task'])} | "
-            f"{f(r['latency_p50_s'])} / {f(r['latency_p95_s'])} | "
-            f"{f(r['client_cpu_ms_per_task'])} | "
-            f"{f(ratio(r['polls_per_task'], loop.get('polls_per_task')))} | "
-            f"{f(ratio(r['latency_p95_s'], loop.get('latency_p95_s')))} | "
-            f"{f(r['wall_s'], 1)} | {r['failures']} |"
         )
     return out
 
@@ -223,7 +174,7 @@ def _scale_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in sorted(sel, key=lambda r: (r["tasks"], r["client"] != "novita", r["backend"])):
         first = base[(r["client"], r.get("form"), r["backend"])]
         out.append(
-            f"| {r['tasks']} | {_label(r)} | {f(r['wall_s'], 1)} | "
+            f"| {r['tasks']} | {label(r)} | {f(r['wall_s'], 1)} | "
             f"{f(r['client_cpu_ms_per_task'])} | {f(ratio(r['client_cpu_ms_per_task'], first))} | "
             f"{f(r['rss_growth_mb'], 0)} | {f(r['latency_p95_s'])} | {f(r['polls_per_task'])} | "
             f"{r['failures']} |"
@@ -308,7 +259,7 @@ def _webhooks_table(rows: list[dict[str, Any]]) -> list[str]:
             where = f"separate process, loopback, {who}" if r["webhooks"] else "separate process"
         mode = "webhooks" if r["webhooks"] else "polling alone"
         out.append(
-            f"| {where} | {mode} | {r['backend']} | {_state(r)} | {f(r['gets_per_task'])} | "
+            f"| {where} | {mode} | {r['backend']} | {state_of(r)} | {f(r['gets_per_task'])} | "
             f"{f(r['after_delivery_p50_s'])} / {f(r['after_delivery_p95_s'])} | "
             f"{f(r.get('transit_p50_s'))} / {f(r.get('transit_p95_s'))} | "
             f"{f(r['after_completion_p95_s'])} / {f(r['after_completion_max_s'])} | "
@@ -421,7 +372,8 @@ def render(results: dict[str, Any]) -> str:
     for part in (
         _forms_table(rows),
         _workloads_table(results),
-        _small_table(rows),
+        small_table(rows),
+        queue_table(results),
         _scale_table(rows),
         _curve_table(results),
         _webhooks_table(rows),

@@ -19,6 +19,9 @@ Duration models (``Workload.durations``):
   known exactly: its 5-85 % quantile range is 0.48-0.52 s at every size.)
 * ``fast``: U(0.2, 1) s, unrelated to the request (the 10,000-prompt scale runs).
 
+``Workload.workers``: the emulated server runs that many tasks at once and
+answers ``QUEUED`` for the others until a worker is free (first come, first served).
+
 ``Workload.eta``: what task-result says while a task runs -- ``int``: whole
 seconds left, rounded up (Novita's eta); ``exact``: the emulator's float;
 ``zero``: always 0, as Novita's image tasks mostly answer.
@@ -45,6 +48,8 @@ FAST = (0.2, 1.0)
 _SIZES = ((512, 512), (768, 768), (832, 1216), (1024, 1024), (1152, 896))
 _STEPS = tuple(range(10, 61, 5))
 DURATIONS = ("uniform", "cost", "affine", "affine-const", "fast")
+#: Tasks the ``queued`` workload's server runs at once (1000 prompts wait up to ~20 s).
+QUEUE_WORKERS = 100
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Workload:
     label: str
     waves: int = 1  # > 1: the prompts come in this many waves ...
     pause: float = 0.0  # ... started this many seconds apart
+    workers: int | None = None  # the emulator runs this many at once and queues the rest
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -69,6 +75,14 @@ WORKLOADS: dict[str, Workload] = {
         Workload("affine-const", "affine-const", "zero", "0.9 s fixed + per-cost part, eta 0"),
         Workload("bursts", "affine", "zero", "affine, 5 waves 2 s apart", waves=5, pause=2.0),
         Workload("fast", "fast", "zero", "U(0.2,1) s, eta 0"),
+        Workload(
+            "queued",
+            "affine",
+            "zero",
+            f"affine on a server that runs {QUEUE_WORKERS} at once and queues the rest "
+            "(QUEUED, in order)",
+            workers=QUEUE_WORKERS,
+        ),
     )
 }
 

@@ -84,7 +84,7 @@ def run_scenario(spec: dict[str, Any], seed: int) -> dict[str, Any]:
 
             worker = run_worker(job, timeout_for(spec), measuring)
             return summarize_hooks(spec, merge_loopback(worker, hooks.stats()))
-    with emulator(workload.durations, seed, eta=workload.eta) as emu:
+    with emulator(workload.durations, seed, eta=workload.eta, workers=workload.workers) as emu:
         marks: list[float] = []
         job["base_url"] = emu.base_url
         worker = run_worker(job, timeout_for(spec), lambda: marks.append(emu.cpu()))
