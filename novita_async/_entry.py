@@ -76,8 +76,8 @@ class Entry:
         self.malformed: tuple[int, str] = (0, "")  # identical malformed answers in a row
         self.finish_by: float | None = None  # a whole-second eta's upper bound
         self.split = False  # the last second of a whole-second eta was split once
-        self.queued = False  # an answer said QUEUED: paced by the server's queue
-        self.rank = 0  # the order it was submitted in (among tasks planned here)
+        self.queued = False  # it waited in the server's queue: paced by the queue (_queue)
+        self.rank = 0  # the order it was tracked in (tasks with a submission time; else 0)
         self.last: TaskResult | None = None
         self.done = False
         self.dropped = False

@@ -322,14 +322,15 @@ class Planner:
     def _stamped_duration(
         self, entry: Entry, result: TaskResult, observed: float | None
     ) -> float | None:
-        """Submission-to-end seconds from the server's stamps. A task that waited in
-        a queue tells how long the queue was, not how long tasks take: ``None`` once
-        the learner is warm, else the seconds less that wait."""
+        """Submission-to-end seconds from the server's stamps (``None`` without). A
+        task that waited in a queue tells how long the queue was, not how long tasks
+        take: ``nan`` once the learner is warm (:meth:`_sample` learns nothing from
+        it), else the seconds less the queue's wait."""
         stamped = self.learner.from_timestamps(result, entry.submitted_at, observed)
-        excess = self.backlog.excess_wait(result)
-        if stamped is None or (excess > 0 and self.learner.warm):
-            return None
-        return stamped - excess
+        waited = self.backlog.queue_wait(result)
+        if stamped is None or waited <= 0:
+            return stamped
+        return math.nan if self.learner.warm else stamped - waited
 
     def _learned_delay(self, entry: Entry, now: float) -> float | None:
         if entry.submitted_at is None:

@@ -52,9 +52,9 @@ class PollPolicy:
       Once the probes that ended cost clearly less than those still running
       (durations grow with cost), a cold first poll goes by what the first
       finishers' costs predict at its own cost. A task that waited in a queue
-      (stamped: over half a second longer than the shortest wait seen) is not
-      learnt once ``warmup_samples`` durations are known: its duration was the
-      queue's.
+      (its stamps: over half a second longer than the shortest wait seen lately)
+      is not learnt once ``warmup_samples`` durations are known: its duration
+      was the queue's.
     * ``TASK_NOT_FOUND`` is retried for ``not_found_grace`` after submission;
       a 429 pauses every poll for its ``Retry-After``, at most ``max_pause``.
     * One tick polls every task due within ``tick_coalesce`` of it (so a poll

@@ -7,14 +7,17 @@ is past every duration learnt, and a growing backoff put its polls seconds late.
 :class:`Backlog` follows the queue instead:
 
 * its *front*: the last-submitted task seen started (``debug_info.execute_time_ms``)
-  and the pace at which the front moved lately, in tasks per second; a waiting task
-  starts once the tasks submitted between the front and it have, at that pace;
+  and the pace at which tasks that had waited moved it lately, in tasks per second
+  (a task that started at once was paced by the client: a trickle of requests
+  before a burst says nothing of the queue); a waiting task starts once the tasks
+  submitted between the front and it have, at that pace;
 * its *runs*: execution start to end (both server stamps, so no queueing and no
   clock offset in them), learnt per cost by a :class:`~._learn.Learner` of its own;
   a task that has started ends where runs of its cost end;
-* its *waits*: submission to execution; past the shortest one seen plus a slack, a
-  wait is the queue's, not the task's, and comes off the durations the scheduler
-  learns (else the first polls after a queue has drained come as late as it was long).
+* its *waits*: submission to execution; past the shortest one seen lately by more
+  than a slack, a wait is a queue's, not the task's: such a task is not learnt as a
+  duration (else the first polls after a queue has drained come as late as it was
+  long).
 
 A server without execution stamps still says ``QUEUED``: the front is then the
 last-submitted task seen ended, and a waiting task ends once the tasks between it and
@@ -23,6 +26,7 @@ that front have. Pure computation: no I/O, no clock of its own.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -35,6 +39,12 @@ __all__ = ["Backlog"]
 
 #: Moves of a front before its pace says how fast the queue drains.
 _MIN_MOVES = 8
+#: The pace is that of at most this many moves, those within ``_PACE_SPANS`` times the
+#: time the last ``_MIN_MOVES`` took (at least ``_PACE_SECONDS``): a queue's pace,
+#: not that of a trickle before it.
+_PACE_MOVES, _PACE_SPANS, _PACE_SECONDS = 64, 4, 5.0
+#: The shortest wait is that of about the last ``_WAIT_BLOCK x _WAIT_BLOCKS`` waits.
+_WAIT_BLOCK, _WAIT_BLOCKS = 64, 16
 #: A wait this much longer than the shortest seen (seconds) was spent in a queue.
 _WAIT_SLACK = 0.5
 
@@ -51,28 +61,56 @@ def _seconds(later: int | None, earlier: int | None) -> float | None:
 
 
 class _Front:
-    """(rank, instant) of tasks, each submitted after the last: how far a queue got."""
+    """(rank, instant, waited) of tasks, each submitted after the last: how far a queue
+    got, and how fast it moves."""
 
     __slots__ = ("_moves",)
 
     def __init__(self, size: int) -> None:
-        self._moves: deque[tuple[int, float]] = deque(maxlen=size)
+        self._moves: deque[tuple[int, float, bool]] = deque(maxlen=size)
 
-    def move(self, rank: int, at: float) -> None:
+    def move(self, rank: int, at: float, *, waited: bool = True) -> None:
         moves = self._moves
         if not moves or (rank > moves[-1][0] and at >= moves[-1][1]):
-            moves.append((rank, at))
+            moves.append((rank, at, waited))
 
     def reaches(self, rank: int) -> float | None:
-        """When the front reaches the ``rank``-th task, at its recent pace (``None``
-        before ``_MIN_MOVES`` moves)."""
+        """When the front reaches the ``rank``-th task, at the recent pace of the tasks
+        that waited to move it (``None`` before ``_MIN_MOVES`` did): those that did not
+        were paced by the client (a trickle before a burst), not by a queue."""
         moves = self._moves
-        if len(moves) < _MIN_MOVES:
+        paced = [move for move in moves if move[2]]
+        if len(paced) < _MIN_MOVES:
             return None
-        (first, since), (last, at) = moves[0], moves[-1]
-        if at <= since:
+        last, at, _ = moves[-1]
+        horizon = at - max(_PACE_SECONDS, _PACE_SPANS * (at - paced[-_MIN_MOVES][1]))
+        first, since, _ = next(move for move in paced if move[1] >= horizon)
+        end, until, _ = paced[-1]
+        if until <= since:
             return None
-        return at + max(rank - last, 0) * (at - since) / (last - first)
+        return at + max(rank - last, 0) * (until - since) / (end - first)
+
+
+class _Lowest:
+    """The lowest of the last ``block x blocks`` values or so (minima of whole blocks,
+    and of the block being filled): a shift that lasts is followed, a queue is not."""
+
+    __slots__ = ("_block", "_filled", "_lowest", "_minima")
+
+    def __init__(self, block: int, blocks: int) -> None:
+        self._minima: deque[float] = deque(maxlen=blocks)
+        self._block, self._filled, self._lowest = block, 0, math.inf
+
+    def add(self, value: float) -> float:
+        """Take ``value``; return the lowest of the recent values."""
+        self._lowest = min(self._lowest, value)
+        self._filled += 1
+        lowest = min(self._minima, default=math.inf)
+        lowest = min(lowest, self._lowest)
+        if self._filled == self._block:
+            self._minima.append(self._lowest)
+            self._filled, self._lowest = 0, math.inf
+        return lowest
 
 
 class Backlog:
@@ -83,13 +121,12 @@ class Backlog:
     they were submitted (``Entry.rank``; ``Entry.listed``: ranked and running).
     """
 
-    __slots__ = ("_budget", "_ends", "_local", "_shortest_wait", "_starts", "runs")
+    __slots__ = ("_budget", "_ends", "_local", "_starts", "_waits", "runs")
 
     def __init__(self, policy: PollPolicy, *, local: Callable[[int | None], float | None]) -> None:
-        size = max(policy.learning_window // 4, _MIN_MOVES)
-        self._starts = _Front(size)  # stamped starts (local clock)
-        self._ends = _Front(size)  # ends seen, for a server without execution stamps
-        self._shortest_wait: float | None = None
+        self._starts = _Front(_PACE_MOVES)  # stamped starts (local clock)
+        self._ends = _Front(_PACE_MOVES)  # ends seen, where starts cannot be placed
+        self._waits = _Lowest(_WAIT_BLOCK, _WAIT_BLOCKS)
         self._local, self._budget = local, policy.latency_budget
         #: Execution-start-to-end seconds, per cost.
         self.runs = Learner(
@@ -101,8 +138,8 @@ class Backlog:
 
     def delay(self, entry: Entry, result: TaskResult, now: float) -> float | None:
         """Seconds to ``entry``'s next poll after an unfinished answer, if the server
-        queued it. ``QUEUED``: :meth:`until_end`. Running after a wait longer than
-        ``_WAIT_SLACK`` (it said ``QUEUED`` that late, or its stamps say so):
+        queued it. ``QUEUED``: :meth:`until_end`. Running after it said ``QUEUED``
+        more than ``_WAIT_SLACK`` after submission, or its stamps show a queue's wait:
         :meth:`after_start` if its start is stamped, else ``latency_budget``.
         ``None``: not queued, or not known."""
         submitted = entry.submitted_at
@@ -113,22 +150,24 @@ class Backlog:
             return self.until_end(entry.rank, entry.cost, now)
         started = self._started(entry, result, now)
         if started is None:
-            return self._budget if entry.queued else None
-        if entry.queued or self.excess_wait(result) > 0:
+            return self._budget if entry.queued and self._budget else None
+        if entry.queued or self.queue_wait(result) > 0:
             entry.queued = True
             return self.after_start(started, entry.cost, now)
         return None
 
     def ended(self, entry: Entry, result: TaskResult, now: float) -> None:
-        """``entry`` was seen ended at ``now``: learn its run (and where it started), or
-        move the front of ends."""
-        self._started(entry, result, now)
+        """``entry`` was seen ended at ``now``: where it started moves the front of
+        starts (if it cannot be placed, its end moves the front of ends); a success
+        teaches its run (a failure may end early)."""
+        if self._started(entry, result, now) is None and entry.listed is not None:
+            self._ends.move(entry.rank, now)
         info = result.extra.debug_info
-        run = None if info is None else _seconds(info.complete_time_ms, info.execute_time_ms)
+        if info is None or result.status is not TaskStatus.SUCCEED:
+            return
+        run = _seconds(info.complete_time_ms, info.execute_time_ms)
         if run is not None:
             self.runs.add(run, entry.cost)
-        elif entry.listed is not None:
-            self._ends.move(entry.rank, now)
 
     def _started(self, entry: Entry, result: TaskResult, now: float) -> float | None:
         """When ``entry`` started (its ``execute_time_ms`` on the local clock), if
@@ -140,31 +179,33 @@ class Backlog:
             return None
         if not submitted - 1.0 <= started <= now:  # (1 s: the clocks' offset is estimated)
             return None
-        self._starts.move(entry.rank, started)
+        self._starts.move(entry.rank, started, waited=started - submitted > _WAIT_SLACK)
         return started
 
-    def excess_wait(self, result: TaskResult) -> float:
-        """Seconds ``result``'s task waited beyond the shortest wait seen plus
-        ``_WAIT_SLACK`` (a queue's share of its duration; 0 without stamps)."""
+    def queue_wait(self, result: TaskResult) -> float:
+        """Seconds of ``result``'s wait (submission to execution, stamped) that were a
+        queue's: all of it past the shortest wait seen lately, when that is over
+        ``_WAIT_SLACK``; else 0, and 0 without stamps."""
         info = result.extra.debug_info
-        wait = None if info is None else _seconds(info.execute_time_ms, info.submit_time_ms)
+        if info is None:
+            return 0.0
+        wait = _seconds(info.execute_time_ms, info.submit_time_ms)
         if wait is None:
             return 0.0
-        if self._shortest_wait is None or wait < self._shortest_wait:
-            self._shortest_wait = wait
-        return max(0.0, wait - self._shortest_wait - _WAIT_SLACK)
+        extra = wait - self._waits.add(wait)
+        return extra if extra > _WAIT_SLACK else 0.0
 
     def until_end(self, rank: int, cost: float | None, now: float) -> float | None:
         """Seconds from ``now`` to poll the ``rank``-th task submitted, waiting: when
-        the front of starts reaches it, plus what the first runs of its ``cost`` took;
-        without stamped starts, when the front of ends reaches it. ``None`` while
-        neither is known, or when the task should have ended already: this queue does
-        not serve in order (or not only this client's tasks at that pace)."""
+        the front of starts reaches it (now, if it has passed it: tasks may come a
+        little out of order), plus what the first runs of its ``cost`` took. Without
+        stamped starts, when the front of ends reaches it; ``None`` if that has passed
+        (this queue does not serve in order) or while neither front is known."""
         run = self.runs.early(cost) if self.runs.warm else None
         start = self._starts.reaches(rank)
-        end = None if run is None or start is None else start + run
-        if end is None:
-            end = self._ends.reaches(rank)
+        if run is not None and start is not None:
+            return max(start, now) - now + run
+        end = self._ends.reaches(rank)
         return None if end is None or end < now else end - now
 
     def after_start(self, started: float, cost: float | None, now: float) -> float | None:

@@ -1292,6 +1292,38 @@ def test_a_server_that_queues_without_stamps_is_polled_by_the_pace_of_ends() -> 
     assert p95 <= min(0.8, loop_p95)
 
 
+def test_a_queue_after_a_trickle_is_paced_by_the_tasks_that_waited() -> None:
+    """A client sends 70 prompts one at a time, then 300 at once to a server that runs 20
+    at once. The trickle's starts came at the client's pace, one every 2.5 s: taken as
+    the queue's pace, they put every waiting task's next poll at ``max_interval``
+    (p95 2.3 s late). The pace is now that of tasks that waited to start (p95 0.4 s)."""
+
+    def duration(body: Any) -> float:
+        return 0.6 + 0.6 * _unit(body) + body["request"]["steps"] / 30
+
+    rng = random.Random(5)
+    trickle = [req(f"trickle {i}", steps=rng.choice(range(20, 61, 5))) for i in range(70)]
+    burst = [req(f"burst {i}", steps=rng.choice(range(20, 61, 5))) for i in range(300)]
+
+    async def main() -> float:
+        emu = NovitaEmulator(
+            durations=duration, clock=anyio.current_time, report_eta=False, workers=20
+        )
+        late = []
+        async with emu.client() as client:
+            for request in trickle:
+                await client.txt2img(request)
+                await anyio.sleep(0.5)
+            async with client.txt2img_many(burst) as run:
+                async for item in run:
+                    assert item.ok
+                    late.append(anyio.current_time() - emu.tasks[item.task_id].completed_at)
+        late.sort()
+        return late[int(0.95 * len(late))]
+
+    assert trio.run(main, clock=MockClock(autojump_threshold=0)) <= 0.7
+
+
 def test_a_cold_burst_whose_fixed_part_varies_is_first_polled_past_its_first_finishers() -> None:
     """300 prompts, a fixed part of U(0.6, 1.2) s per task plus 33 ms a step, no eta: what
     the line through the first finishers leaves unexplained is wide. Their smallest

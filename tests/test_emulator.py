@@ -1041,6 +1041,28 @@ def test_non_finite_durations_are_refused_up_front(durations: Any) -> None:
         NovitaEmulator(durations=durations)
 
 
+@pytest.mark.parametrize("delay", [math.nan, -1.0, (0.0, math.inf), (2.0, 1.0)])
+def test_bad_queue_delays_are_refused_up_front(delay: Any) -> None:
+    with pytest.raises(ValueError, match="queue_delay"):
+        NovitaEmulator(queue_delay=delay)
+
+
+async def test_a_drawn_queue_delay_holds_each_task_queued_its_own_time(
+    clock: ManualClock,
+) -> None:
+    emu = NovitaEmulator(clock=clock, durations=1.0, queue_delay=(0.2, 0.8), seed=3)
+    async with emulator_http(emu) as client:
+        task_ids = [await submit(client) for _ in range(20)]
+        clock.advance(0.5)
+        statuses = [(await poll(client, t))["task"]["status"] for t in task_ids]
+    waits = [emu.tasks[t].started_at - emu.tasks[t].created_at for t in task_ids]
+    assert all(0.2 <= w <= 0.8 for w in waits)
+    assert len(set(waits)) == 20  # drawn per task
+    expected = ["TASK_STATUS_QUEUED" if w > 0.5 else "TASK_STATUS_PROCESSING" for w in waits]
+    assert statuses == expected
+    assert 0 < expected.count("TASK_STATUS_QUEUED") < 20
+
+
 def test_module_port_in_use_is_one_error_line() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

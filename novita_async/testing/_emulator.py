@@ -108,7 +108,8 @@ class NovitaEmulator:
         seed: seeds task ids, durations, failures and image seeds.
         failure_rate: probability that a task ends FAILED (besides prompts
             containing ``[fail]``).
-        queue_delay: seconds every task stays QUEUED before it can start.
+        queue_delay: seconds every task stays QUEUED before it can start: a number,
+            ``(lo, hi)`` drawn uniformly, or a callable of the POST JSON body.
         image_url_ttl: seconds image URLs stay valid after completion (3600).
         envelope: answer txt2img with the v2 envelope ``{"code":0,"msg":"","data":{...}}``.
         latency: seconds every request takes (slept on anyio's clock).
@@ -135,7 +136,7 @@ class NovitaEmulator:
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
         failure_rate: float = 0.0,
-        queue_delay: float = 0.0,
+        queue_delay: DurationSpec = 0.0,
         image_url_ttl: float = 3600.0,
         envelope: bool = False,
         latency: float = 0.0,
@@ -148,13 +149,14 @@ class NovitaEmulator:
     ) -> None:
         self._rng = random.Random(seed)
         self._durations = durations
-        self._duration = duration_source(durations, self._rng)
+        self._duration = duration_source(durations, self._rng, name="durations")
         if workers is not None and workers < 1:
             raise ValueError("workers must be None (unbounded) or >= 1")
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError("failure_rate must be within [0, 1]")
-        delays = (queue_delay, latency, not_found_for, image_url_ttl)
-        if not all(math.isfinite(d) for d in delays) or min(delays[:3]) < 0 or image_url_ttl <= 0:
+        self._queue_delay = duration_source(queue_delay, self._rng, name="queue_delay")
+        delays = (latency, not_found_for, image_url_ttl)
+        if not all(math.isfinite(d) for d in delays) or min(delays[:2]) < 0 or image_url_ttl <= 0:
             raise ValueError("delays must be finite and >= 0, and image_url_ttl finite and > 0")
         if not api_key:
             raise ValueError("api_key must be non-empty")
@@ -519,7 +521,10 @@ class NovitaEmulator:
         duration = float(self._duration(body))
         if not (math.isfinite(duration) and duration >= 0):
             raise ValueError(f"durations gave {duration!r}; need a finite number >= 0")
-        start = now + self.queue_delay
+        delay = float(self._queue_delay(body))
+        if not (math.isfinite(delay) and delay >= 0):
+            raise ValueError(f"queue_delay gave {delay!r}; need a finite number >= 0")
+        start = now + delay
         if self.workers is not None:
             start = max(start, heapq.heappop(self._worker_free))
             heapq.heappush(self._worker_free, start + duration)

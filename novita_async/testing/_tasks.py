@@ -96,21 +96,24 @@ class Proportional:
         return seconds
 
 
-def duration_source(spec: DurationSpec, rng: random.Random) -> Callable[[Mapping[str, Any]], float]:
-    """``durations=`` as a function of the POST body (``(lo, hi)`` draws from ``rng``)."""
+def duration_source(
+    spec: DurationSpec, rng: random.Random, *, name: str = "durations"
+) -> Callable[[Mapping[str, Any]], float]:
+    """``durations=`` (or another span of seconds, ``name``) as a function of the POST
+    body (``(lo, hi)`` draws from ``rng``)."""
     if callable(spec):
         return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         if not (math.isfinite(spec) and spec >= 0):
-            raise ValueError("durations must be a finite number >= 0")
+            raise ValueError(f"{name} must be a finite number >= 0")
         fixed = float(spec)
         return lambda _body: fixed
     if isinstance(spec, tuple) and len(spec) == 2:
         lo, hi = float(spec[0]), float(spec[1])
         if not (0 <= lo <= hi and math.isfinite(hi)):
-            raise ValueError("durations=(lo, hi) needs finite 0 <= lo <= hi")
+            raise ValueError(f"{name}=(lo, hi) needs finite 0 <= lo <= hi")
         return lambda _body: rng.uniform(lo, hi)
-    raise TypeError("durations must be a number, a (lo, hi) tuple or a callable")
+    raise TypeError(f"{name} must be a number, a (lo, hi) tuple or a callable")
 
 
 @attrs.define(kw_only=True, eq=False)
