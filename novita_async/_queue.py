@@ -121,20 +121,33 @@ class Backlog:
     they were submitted (``Entry.rank``; ``Entry.listed``: ranked and running).
     """
 
-    __slots__ = ("_budget", "_ends", "_local", "_starts", "_waits", "runs")
+    __slots__ = ("_budget", "_ends", "_learner", "_local", "_pending", "_starts", "_waits")
 
     def __init__(self, policy: PollPolicy, *, local: Callable[[int | None], float | None]) -> None:
         self._starts = _Front(_PACE_MOVES)  # stamped starts (local clock)
         self._ends = _Front(_PACE_MOVES)  # ends seen, where starts cannot be placed
         self._waits = _Lowest(_WAIT_BLOCK, _WAIT_BLOCKS)
         self._local, self._budget = local, policy.latency_budget
-        #: Execution-start-to-end seconds, per cost.
-        self.runs = Learner(
+        #: Execution-start-to-end seconds, per cost: (seconds, cost) held until a queue
+        #: asks for them (a learner's fit costs ~0.07 ms a task; most servers never queue).
+        self._pending: deque[tuple[float, float | None]] | None = deque(
+            maxlen=policy.learning_window
+        )
+        self._learner = Learner(
             window=policy.learning_window,
             warmup=policy.warmup_samples,
             quantile=policy.first_poll_quantile,
             latency_budget=policy.latency_budget,
         )
+
+    @property
+    def runs(self) -> Learner:
+        """The learner of runs, with every run held so far."""
+        if self._pending is not None:
+            for seconds, cost in self._pending:
+                self._learner.add(seconds, cost)
+            self._pending = None
+        return self._learner
 
     def delay(self, entry: Entry, result: TaskResult, now: float) -> float | None:
         """Seconds to ``entry``'s next poll after an unfinished answer, if the server
@@ -167,7 +180,10 @@ class Backlog:
             return
         run = _seconds(info.complete_time_ms, info.execute_time_ms)
         if run is not None:
-            self.runs.add(run, entry.cost)
+            if self._pending is not None:
+                self._pending.append((run, entry.cost))
+            else:
+                self._learner.add(run, entry.cost)
 
     def _started(self, entry: Entry, result: TaskResult, now: float) -> float | None:
         """When ``entry`` started (its ``execute_time_ms`` on the local clock), if
@@ -201,7 +217,8 @@ class Backlog:
         little out of order), plus what the first runs of its ``cost`` took. Without
         stamped starts, when the front of ends reaches it; ``None`` if that has passed
         (this queue does not serve in order) or while neither front is known."""
-        run = self.runs.early(cost) if self.runs.warm else None
+        runs = self.runs
+        run = runs.early(cost) if runs.warm else None
         start = self._starts.reaches(rank)
         if run is not None and start is not None:
             return max(start, now) - now + run

@@ -1214,7 +1214,7 @@ def test_a_burst_the_server_queues_is_polled_by_the_queue_not_by_its_age() -> No
     backoff: 9.6 polls per task, p95 4.5 s late, against a 1 s loop's 19.5 polls and
     0.96 s. Now a QUEUED answer plans the next poll where the queue's front, moving at
     the pace stamped starts show, reaches the task, plus the first runs of its cost; a
-    stamped start, where runs of its cost end (6.9 polls, p95 0.47 s)."""
+    stamped start, where runs of its cost end (6.9 polls, p95 0.43 s)."""
 
     def duration(body: Any) -> float:
         return 0.6 + 0.6 * _unit(body) + body["request"]["steps"] / 30
@@ -1267,7 +1267,7 @@ def test_a_burst_after_a_queue_drained_is_polled_at_task_durations_not_the_queue
     once they are done. The queue's waits were in the durations learnt, so the 60 were
     first polled as late as the queue was long: 1.0 poll per task, p95 13.3 s late. A
     stamped wait beyond the shortest seen plus 0.5 s is the queue's, and such a task's
-    duration is not learnt by a warm learner (1.27 polls, p95 0.39 s)."""
+    duration is not learnt by a warm learner (1.25 polls, p95 0.40 s)."""
 
     polls, p95 = _queued_then_idle(stamps=True)
     assert polls <= 2.0
@@ -1279,7 +1279,7 @@ def test_a_server_that_queues_without_stamps_is_polled_by_the_pace_of_ends() -> 
     says a task waits. Its next poll comes when the tasks submitted between the last one
     seen ended and it should have ended, at the pace that front moved; once running,
     every ``latency_budget`` (before: a growing backoff, 8.5 polls per task, p95 4.5 s
-    late, against a 1 s loop's 19.5 and 0.96 s; now 6.7 polls, p95 0.65 s)."""
+    late, against a 1 s loop's 19.5 and 0.96 s; now 8.3 polls, p95 0.65 s)."""
 
     def duration(body: Any) -> float:
         return 0.6 + 0.6 * _unit(body) + body["request"]["steps"] / 30
