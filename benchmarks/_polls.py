@@ -29,16 +29,20 @@ def small_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sel:
-        loop = loops.get(r["workload"], {})
-        out.append(
-            f"| {r['workload']} | {label(r)} | {f(r['polls_per_task'])} | "
-            f"{f(r['latency_p50_s'])} / {f(r['latency_p95_s'])} | "
-            f"{f(r['client_cpu_ms_per_task'])} | "
-            f"{f(ratio(r['polls_per_task'], loop.get('polls_per_task')))} | "
-            f"{f(ratio(r['latency_p95_s'], loop.get('latency_p95_s')))} | "
-            f"{f(r['wall_s'], 1)} | {r['failures']} |"
-        )
+        cells = _against(r, loops.get(r["workload"], {}), "latency_p50_s", "latency_p95_s")
+        out.append(f"| {r['workload']} | {label(r)} | {cells} |")
     return out
+
+
+def _against(r: dict[str, Any], loop: dict[str, Any], *latencies: str) -> str:
+    """Polls, the ``latencies``, CPU, both against ``loop``, wall and failures: cells."""
+    return (
+        f"{f(r['polls_per_task'])} | {' / '.join(f(r[k]) for k in latencies)} | "
+        f"{f(r['client_cpu_ms_per_task'])} | "
+        f"{f(ratio(r['polls_per_task'], loop.get('polls_per_task')))} | "
+        f"{f(ratio(r['latency_p95_s'], loop.get('latency_p95_s')))} | "
+        f"{f(r['wall_s'], 1)} | {r['failures']}"
+    )
 
 
 def queue_table(results: dict[str, Any]) -> list[str]:
@@ -65,12 +69,6 @@ def queue_table(results: dict[str, Any]) -> list[str]:
         after = r["tasks"] != z["main"]
         phase = f"{r['tasks']} after the queue" if after else f"{r['tasks']} queued"
         loop = loops.get((r["tasks"], r["backend"])) or loops.get((r["tasks"], "asyncio"), {})
-        out.append(
-            f"| {phase} | {label(r)} | {f(r['polls_per_task'])} | "
-            f"{f(r['latency_p50_s'])} / {f(r['latency_p95_s'])} / {f(r['latency_max_s'])} | "
-            f"{f(r['client_cpu_ms_per_task'])} | "
-            f"{f(ratio(r['polls_per_task'], loop.get('polls_per_task')))} | "
-            f"{f(ratio(r['latency_p95_s'], loop.get('latency_p95_s')))} | "
-            f"{f(r['wall_s'], 1)} | {r['failures']} |"
-        )
+        cells = _against(r, loop, "latency_p50_s", "latency_p95_s", "latency_max_s")
+        out.append(f"| {phase} | {label(r)} | {cells} |")
     return out
