@@ -22,6 +22,7 @@ class Entry:
 
     __slots__ = (
         "answered",
+        "asked",
         "backoff",
         "confirming",
         "cost",
@@ -70,6 +71,7 @@ class Entry:
         self.sent = 0
         self.polls = 0
         self.answered = False
+        self.asked: float | None = None  # when the last poll that found it running was sent
         self.sampled = False
         self.backoff = backoff
         self.errors = 0

@@ -268,9 +268,12 @@ class Planner:
             if status is TaskStatus.SUCCEED and not entry.sampled:
                 observed = None if entry.submitted_at is None else now - entry.submitted_at
                 stamped = self._stamped_duration(entry, result, observed)
+                if stamped is None:
+                    stamped = self._bracketed(entry, sent)
                 if stamped is not None:
                     warmed |= self._sample(entry, stamped)
             return Outcome(result=result, warmed=warmed)
+        entry.asked = sent
         delay: float | None
         if eta is not None:
             delay = self._eta_delay(entry, eta, now)
@@ -331,6 +334,17 @@ class Planner:
         if stamped is None or waited <= 0:
             return stamped
         return math.nan if self.learner.warm else stamped - waited
+
+    @staticmethod
+    def _bracketed(entry: Entry, sent: float) -> float | None:
+        """A probe's duration without stamps: it ended between its last two polls
+        (the midpoint), which its duration did not time (they come at a burst's pace
+        from its start). ``None`` for other tasks: their polls were aimed at their
+        end, so the tasks that missed them are the slow ones."""
+        asked, submitted = entry.asked, entry.submitted_at
+        if entry.plan != "probed" or asked is None or submitted is None:
+            return None
+        return (asked + sent) / 2 - submitted
 
     def _learned_delay(self, entry: Entry, now: float) -> float | None:
         if entry.submitted_at is None:
