@@ -71,7 +71,7 @@ class Entry:
         self.sent = 0
         self.polls = 0
         self.answered = False
-        self.asked: float | None = None  # when the last poll that found it running was sent
+        self.asked: float | None = None  # when its last unfinished no-eta answer's poll was sent
         self.sampled = False
         self.backoff = backoff
         self.errors = 0
@@ -79,7 +79,7 @@ class Entry:
         self.finish_by: float | None = None  # a whole-second eta's upper bound
         self.split = False  # the last second of a whole-second eta was split once
         self.queued = False  # it waited in the server's queue: paced by the queue (_queue)
-        self.rank = 0  # the order it was tracked in (tasks with a submission time; else 0)
+        self.rank = 0  # the order it was tracked in (polled tasks with a submission time)
         self.last: TaskResult | None = None
         self.done = False
         self.dropped = False

@@ -273,12 +273,13 @@ class Planner:
                 if stamped is not None:
                     warmed |= self._sample(entry, stamped)
             return Outcome(result=result, warmed=warmed)
-        entry.asked = sent
         delay: float | None
         if eta is not None:
             delay = self._eta_delay(entry, eta, now)
             entry.backoff = policy.backoff_initial
+            entry.asked = None  # polled by its eta: its last two polls were aimed at its end
         else:  # no eta: the queue, what slower tasks took, a burst's pace, or back off
+            entry.asked = sent
             delay = self.backlog.delay(entry, result, now)
             if delay is None:
                 delay = self._learned_delay(entry, now)
@@ -340,10 +341,10 @@ class Planner:
         """A probe's duration without stamps: it ended between its last two polls
         (the midpoint), which its duration did not time (they come at a burst's pace
         from its start). ``None`` for other tasks: their polls were aimed at their
-        end, so the tasks that missed them are the slow ones."""
+        end, so the tasks that missed them are the slow ones; nor after an eta answer."""
         asked, submitted = entry.asked, entry.submitted_at
-        if entry.plan != "probed" or asked is None or submitted is None:
-            return None
+        if entry.plan != "probed" or entry.queued or asked is None or submitted is None:
+            return None  # (a queued probe's polls bracket the queue's wait too)
         return (asked + sent) / 2 - submitted
 
     def _learned_delay(self, entry: Entry, now: float) -> float | None:

@@ -101,6 +101,11 @@ class _Lowest:
         self._minima: deque[float] = deque(maxlen=blocks)
         self._block, self._filled, self._lowest = block, 0, math.inf
 
+    @property
+    def lowest(self) -> float:
+        """The lowest of the recent values (``inf`` before any)."""
+        return min(min(self._minima, default=math.inf), self._lowest)
+
     def add(self, value: float) -> float:
         """Take ``value``; return the lowest of the recent values."""
         self._lowest = min(self._lowest, value)
@@ -153,8 +158,8 @@ class Backlog:
         """Seconds to ``entry``'s next poll after an unfinished answer, if the server
         queued it. ``QUEUED``: :meth:`until_end`. Running after it said ``QUEUED``
         more than ``_WAIT_SLACK`` after submission, or its stamps show a queue's wait:
-        :meth:`after_start` if its start is stamped, else ``latency_budget``.
-        ``None``: not queued, or not known."""
+        :meth:`after_start` if its start is stamped, else ``latency_budget`` (if not
+        0 or ``None``). ``None``: not queued, or not known."""
         submitted = entry.submitted_at
         if submitted is None or entry.listed is None:
             return None
@@ -164,7 +169,7 @@ class Backlog:
         started = self._started(entry, result, now)
         if started is None:
             return self._budget if entry.queued and self._budget else None
-        if entry.queued or self.queue_wait(result) > 0:
+        if entry.queued or self.queue_wait(result, record=False) > 0:
             entry.queued = True
             return self.after_start(started, entry.cost, now)
         return None
@@ -195,20 +200,22 @@ class Backlog:
             return None
         if not submitted - 1.0 <= started <= now:  # (1 s: the clocks' offset is estimated)
             return None
-        self._starts.move(entry.rank, started, waited=started - submitted > _WAIT_SLACK)
+        self._starts.move(entry.rank, started, waited=self.queue_wait(result, record=False) > 0)
         return started
 
-    def queue_wait(self, result: TaskResult) -> float:
+    def queue_wait(self, result: TaskResult, *, record: bool = True) -> float:
         """Seconds of ``result``'s wait (submission to execution, stamped) that were a
         queue's: all of it past the shortest wait seen lately, when that is over
-        ``_WAIT_SLACK``; else 0, and 0 without stamps."""
+        ``_WAIT_SLACK``; else 0, and 0 without stamps. ``record``: count this wait
+        among the recent ones (once per task: at its end)."""
         info = result.extra.debug_info
         if info is None:
             return 0.0
         wait = _seconds(info.execute_time_ms, info.submit_time_ms)
         if wait is None:
             return 0.0
-        extra = wait - self._waits.add(wait)
+        lowest = self._waits.add(wait) if record else min(self._waits.lowest, wait)
+        extra = wait - lowest
         return extra if extra > _WAIT_SLACK else 0.0
 
     def until_end(self, rank: int, cost: float | None, now: float) -> float | None:
