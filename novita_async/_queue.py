@@ -166,10 +166,11 @@ class Backlog:
         if result.status is TaskStatus.QUEUED:
             entry.queued = entry.queued or now - submitted > _WAIT_SLACK
             return self.until_end(entry.rank, entry.cost, now)
-        started = self._started(entry, result, now)
-        if started is None:
+        start = self._started(entry, result, now)
+        if start is None:
             return self._budget if entry.queued and self._budget else None
-        if entry.queued or self.queue_wait(result, record=False) > 0:
+        started, waited = start
+        if entry.queued or waited:
             entry.queued = True
             return self.after_start(started, entry.cost, now)
         return None
@@ -190,9 +191,10 @@ class Backlog:
             else:
                 self._learner.add(run, entry.cost)
 
-    def _started(self, entry: Entry, result: TaskResult, now: float) -> float | None:
+    def _started(self, entry: Entry, result: TaskResult, now: float) -> tuple[float, bool] | None:
         """When ``entry`` started (its ``execute_time_ms`` on the local clock), if
-        stamped and plausible; it moves the front of starts."""
+        stamped and plausible, and whether it waited in a queue first
+        (:meth:`queue_wait`); it moves the front of starts."""
         info = result.extra.debug_info
         started = None if info is None else self._local(info.execute_time_ms)
         submitted = entry.submitted_at
@@ -200,8 +202,9 @@ class Backlog:
             return None
         if not submitted - 1.0 <= started <= now:  # (1 s: the clocks' offset is estimated)
             return None
-        self._starts.move(entry.rank, started, waited=self.queue_wait(result, record=False) > 0)
-        return started
+        waited = self.queue_wait(result, record=False) > 0
+        self._starts.move(entry.rank, started, waited=waited)
+        return started, waited
 
     def queue_wait(self, result: TaskResult, *, record: bool = True) -> float:
         """Seconds of ``result``'s wait (submission to execution, stamped) that were a
