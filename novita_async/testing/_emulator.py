@@ -518,13 +518,8 @@ class NovitaEmulator:
     def _create(self, body: dict[str, Any], now: float) -> EmulatedTask:
         req: dict[str, Any] = body["request"]
         extra: dict[str, Any] = body.get("extra") or {}
-        duration = float(self._duration(body))
-        if not (math.isfinite(duration) and duration >= 0):
-            raise ValueError(f"durations gave {duration!r}; need a finite number >= 0")
-        delay = float(self._queue_delay(body))
-        if not (math.isfinite(delay) and delay >= 0):
-            raise ValueError(f"queue_delay gave {delay!r}; need a finite number >= 0")
-        start = now + delay
+        duration = self._duration(body)
+        start = now + self._queue_delay(body)
         if self.workers is not None:
             start = max(start, heapq.heappop(self._worker_free))
             heapq.heappush(self._worker_free, start + duration)

@@ -100,9 +100,17 @@ def duration_source(
     spec: DurationSpec, rng: random.Random, *, name: str = "durations"
 ) -> Callable[[Mapping[str, Any]], float]:
     """``durations=`` (or another span of seconds, ``name``) as a function of the POST
-    body (``(lo, hi)`` draws from ``rng``)."""
+    body (``(lo, hi)`` draws from ``rng``); what a callable gives is checked as drawn."""
     if callable(spec):
-        return spec
+        draw = spec
+
+        def checked(body: Mapping[str, Any]) -> float:
+            seconds = float(draw(body))
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ValueError(f"{name} gave {seconds!r}; need a finite number >= 0")
+            return seconds
+
+        return checked
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         if not (math.isfinite(spec) and spec >= 0):
             raise ValueError(f"{name} must be a finite number >= 0")
